@@ -1,0 +1,236 @@
+"""One validated dataclass describes a memorizing GPT: the transformer, the kNN memory and the layout.
+
+Everything Megatron-Core needs is derived from it (`transformer_config()`), so a model, its
+checkpoint and its export can never disagree about, say, which layer has memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and the fix."""
+
+
+_MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+
+
+@dataclass
+class MemorizingConfig:
+    # --- transformer -------------------------------------------------------------------------
+    num_layers: int = 12
+    hidden_size: int = 1024
+    num_attention_heads: int = 8
+    kv_channels: Optional[int] = None  # head dim; None -> hidden_size // num_attention_heads
+    num_query_groups: Optional[int] = None  # GQA; None -> one group per head
+    ffn_hidden_size: Optional[int] = None  # None -> 4 * hidden_size
+    vocab_size: int = 32000
+    segment_length: int = 512  # tokens per training segment (Megatron's seq_length)
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    normalization: str = "LayerNorm"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    share_embeddings_and_output_weights: bool = True
+    bf16: bool = False
+    # "none", "selective" (core attention only) or "full" (whole layers, uniform)
+    recompute: str = "none"
+
+    # --- memory --------------------------------------------------------------------------------
+    # 1-based global layer numbers with kNN memory; None -> the layer at 3/4 depth (the paper's 9 of 12);
+    # an empty tuple builds a vanilla model (the same checkpoint layout without memory parameters).
+    memory_layers: Optional[tuple[int, ...]] = None
+    memory_size: int = 8192  # M: (key, value) pairs kept per slot and head, FIFO
+    knn_top_k: int = 32
+    memory_dtype: str = "float32"  # "bfloat16" halves memory; search then re-ranks in fp32
+    memory_search_chunk: int = 8192  # memory entries scored at once: bounds the score matrix
+    memory_backend: str = "torch"  # "torch" or "faiss" (exact brute force either way)
+    gate_init: float = 0.0  # b_g; g = sigmoid(b_g) weighs memory against local attention
+    xl_cache: bool = False  # Transformer-XL: every layer also attends to the previous segment
+
+    # --- layout ---------------------------------------------------------------------------------
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    micro_batch_size: int = 1  # sequences (= memory slots) per micro-batch, per data-parallel rank
+    num_micro_batches: int = 1  # micro-batches per step; each has its own memory slots
+
+    # Extra TransformerConfig fields, passed through untouched (e.g. {"masked_softmax_fusion": True}).
+    transformer_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.memory_layers is None:
+            self.memory_layers = (max(1, round(0.75 * self.num_layers)),)
+        self.memory_layers = tuple(sorted(set(int(n) for n in self.memory_layers)))
+        self.validate()
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def memory_slots(self) -> int:
+        """Slots each rank's memory holds: one per sequence of every micro-batch of a step."""
+        return self.micro_batch_size * self.num_micro_batches
+
+    @property
+    def torch_memory_dtype(self) -> torch.dtype:
+        return _MEMORY_DTYPES[self.memory_dtype]
+
+    def has_memory(self, layer_number: int) -> bool:
+        return layer_number in self.memory_layers
+
+    def validate(self) -> None:
+        def fail(message: str):
+            raise ConfigError(message)
+
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            fail(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}: change one of them or set kv_channels explicitly."
+            )
+        if self.num_attention_heads % tp:
+            fail(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"tensor_model_parallel_size={tp}: each tensor-parallel rank must own whole heads "
+                f"(and their memory). Use a TP size that divides the head count."
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups or groups % tp:
+            fail(
+                f"num_query_groups={groups} must divide num_attention_heads="
+                f"{self.num_attention_heads} and be divisible by tensor_model_parallel_size={tp}."
+            )
+        if self.num_layers % pp:
+            fail(
+                f"num_layers={self.num_layers} is not divisible by pipeline_model_parallel_size="
+                f"{pp}: every stage must build the same number of layers."
+            )
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (pp < 2 or self.num_layers % (pp * vpp)):
+            fail(
+                f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size >= 2 "
+                f"and num_layers divisible by pp*vpp={pp * vpp} (num_layers={self.num_layers})."
+            )
+        if self.context_parallel_size != 1:
+            fail(
+                f"context_parallel_size={self.context_parallel_size} is not supported: kNN attention "
+                f"searches a memory of whole past segments, which context parallelism would split "
+                f"across ranks. Set context_parallel_size=1 and use tensor/pipeline/data parallelism."
+            )
+        bad = [n for n in self.memory_layers if not 1 <= n <= self.num_layers]
+        if bad:
+            fail(
+                f"memory_layers={list(self.memory_layers)} contains {bad}, outside 1..{self.num_layers} "
+                f"(layer numbers are 1-based); the paper puts memory at layer 9 of 12."
+            )
+        if self.memory_layers:
+            if self.memory_size < 1:
+                fail(f"memory_size={self.memory_size} must be positive (the paper uses 1536 to 262144).")
+            if not 1 <= self.knn_top_k <= self.memory_size:
+                fail(
+                    f"knn_top_k={self.knn_top_k} must be between 1 and memory_size={self.memory_size}: "
+                    f"a query cannot retrieve more pairs than the memory holds."
+                )
+        if self.memory_dtype not in _MEMORY_DTYPES:
+            fail(f"memory_dtype={self.memory_dtype!r}: use one of {sorted(_MEMORY_DTYPES)}.")
+        if self.memory_backend not in ("torch", "faiss"):
+            fail(f"memory_backend={self.memory_backend!r}: use 'torch' or 'faiss'.")
+        if self.memory_search_chunk < 1:
+            fail(f"memory_search_chunk={self.memory_search_chunk} must be positive.")
+        if self.position_embedding_type not in _POSITION_EMBEDDINGS:
+            fail(
+                f"position_embedding_type={self.position_embedding_type!r}: use one of "
+                f"{list(_POSITION_EMBEDDINGS)}. (The paper's T5 relative bias is not supported yet.)"
+            )
+        if self.xl_cache and self.position_embedding_type == "learned_absolute":
+            fail(
+                "xl_cache=True needs relative positions: the cached segment has no absolute position "
+                "in the current one. Use position_embedding_type='rope' (or 'none')."
+            )
+        if self.recompute not in ("none", "selective", "full"):
+            fail(f"recompute={self.recompute!r}: use 'none', 'selective' or 'full'.")
+        if self.micro_batch_size < 1 or self.num_micro_batches < 1:
+            fail("micro_batch_size and num_micro_batches must be at least 1.")
+        if self.segment_length < 1:
+            fail(f"segment_length={self.segment_length} must be positive.")
+
+    # ---------------------------------------------------------------------------------------------
+    def transformer_config(self) -> TransformerConfig:
+        """The Megatron-Core TransformerConfig this model is built from."""
+        cpu = not torch.cuda.is_available()
+        recompute = {
+            "none": {},
+            "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+            "full": {
+                "recompute_granularity": "full",
+                "recompute_method": "uniform",
+                "recompute_num_layers": 1,
+            },
+        }[self.recompute]
+        kwargs = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            kv_channels=self.head_dim,
+            num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.ffn_hidden_size,
+            normalization=self.normalization,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            init_method_std=self.init_method_std,
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
+            sequence_parallel=self.sequence_parallel,
+            bf16=self.bf16,
+            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            pipeline_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            # The memory gate and scale exist in some layers only: dist_checkpointing must not
+            # assume every layer has the same parameters.
+            hetereogenous_dist_checkpoint=bool(self.memory_layers),
+            # Fused kernels and CUDA-side initialisation need Apex/TE or a GPU.
+            use_cpu_initialization=cpu,
+            masked_softmax_fusion=False,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            **recompute,
+        )
+        kwargs.update(self.transformer_overrides)
+        return TransformerConfig(**kwargs)
+
+    # ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["memory_layers"] = list(self.memory_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemorizingConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config field(s) {unknown}; valid fields are {sorted(known)}."
+            )
+        d = dict(d)
+        if d.get("memory_layers") is not None:
+            d["memory_layers"] = tuple(d["memory_layers"])
+        return cls(**d)

@@ -1,0 +1,128 @@
+"""kNN-augmented core attention: the layer that gives a Memorizing Transformer its memory.
+
+Per head, every query of the segment attends twice:
+- locally, with ordinary causal attention (SegmentAttention: stock Megatron, plus the XL cache);
+- to the top-k (key, value) pairs retrieved from an external memory of the same document's past,
+  softmax over the k; keys and queries are L2-normalised and carry no position.
+A learned per-head gate mixes the two: g = sigmoid(b_g), out = mem * g + local * (1 - g).
+
+The memory is not differentiable: retrieval picks pairs without gradient, and the query attends
+to them with gradient (so the layer learns what to look up), but nothing flows into the memory.
+This segment's keys and values are staged and become searchable only after the step commits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+from megatron_memorizing.memory import KNNMemory
+from megatron_memorizing.segment_attention import SegmentAttention, _as_memory_layout, state_device
+
+
+class KNNAttention(SegmentAttention):
+    def __init__(
+        self,
+        *args,
+        memory_size: int,
+        top_k: int,
+        gate_init: float = 0.0,
+        memory_dtype: torch.dtype = torch.float32,
+        search_chunk_size: int = 8192,
+        backend: str = "torch",
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.top_k = top_k
+        self.memory = KNNMemory(
+            self.num_slots,
+            self.heads_per_partition,
+            memory_size,
+            self.head_dim,
+            dtype=memory_dtype,
+            device=state_device(),
+            search_chunk_size=search_chunk_size,
+            backend=backend,
+        )
+        # Per-head parameters, split across tensor-parallel ranks like the heads they belong to.
+        # b_g = gate_init for every head; the memory softmax starts at the usual 1/sqrt(d)
+        # temperature of unit-norm vectors scaled to norm sqrt(d), i.e. a logit scale of sqrt(d).
+        self.gate_bias = self._per_head_parameter(gate_init)
+        self.memory_log_scale = self._per_head_parameter(0.5 * math.log(self.head_dim))
+        self.record_retrieval = False
+        self.last_retrieval = None
+
+    def _per_head_parameter(self, value: float) -> torch.nn.Parameter:
+        param = torch.nn.Parameter(
+            torch.full((self.heads_per_partition,), value, dtype=self.config.params_dtype, device=state_device())
+        )
+        tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+        return param
+
+    def stateful_memories(self) -> dict[str, KNNMemory]:
+        return {**super().stateful_memories(), "memory": self.memory}
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return torch.sigmoid(self.gate_bias.float())
+
+    # ---------------------------------------------------------------------------------------------
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        local = super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        self._check_batch(query)
+        s, b, h, d = query.shape
+
+        # Memory keys carry no position: strip RoPE, then normalise (inner product = cosine).
+        queries = F.normalize(self.unrotated(query).float(), dim=-1)
+        keys = F.normalize(self.unrotated(key).float(), dim=-1)
+        if self.groups_per_partition != h:  # GQA: each query head searches its own memory
+            keys = keys.repeat_interleave(h // self.groups_per_partition, dim=2)
+            value = value.repeat_interleave(h // self.groups_per_partition, dim=2)
+
+        queries_bhsd = queries.permute(1, 2, 0, 3)
+        retrieved = self.memory.search(queries_bhsd.detach(), self.top_k, slots=self.slots)
+        if self.record_retrieval:  # evaluation and retrieval inspection look at what was found
+            self.last_retrieval = retrieved
+
+        scale = self.memory_log_scale.float().exp()[None, :, None, None]
+        logits = torch.einsum("bhqd,bhqkd->bhqk", queries_bhsd, retrieved.keys) * scale
+        logits = logits.masked_fill(~retrieved.valid, float("-inf"))
+        # A query with an empty memory (first segment of a document) keeps local attention only:
+        # its gate is closed rather than mixing in an average of nothing.
+        has_memory = retrieved.valid.any(dim=-1, keepdim=True)
+        probs = torch.softmax(logits.masked_fill(~has_memory, 0.0), dim=-1) * has_memory
+        from_memory = torch.einsum("bhqk,bhqkd->bhqd", probs, retrieved.values)
+
+        gate = self.gate[None, :, None, None] * has_memory  # [b, h, q, 1]
+        mixed = from_memory * gate + local.view(s, b, h, d).permute(1, 2, 0, 3).float() * (1 - gate)
+
+        self.memory.stage(self.slots, *_as_memory_layout(keys, value))
+        return mixed.permute(2, 0, 1, 3).reshape(s, b, h * d).to(local.dtype)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
+        # Megatron's default treats a module's own parameters as replicated across TP ranks;
+        # these are split by head, so say so (axis 0) and let dist_checkpointing reshard them.
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded = make_sharded_tensors_for_checkpoint(
+            {"gate_bias": self.gate_bias, "memory_log_scale": self.memory_log_scale},
+            prefix,
+            {"gate_bias": 0, "memory_log_scale": 0},
+            sharded_offsets,
+            tp_group=self.tp_group,
+            dp_cp_group=metadata["dp_cp_group"],
+        )
+        sharded.update(
+            sharded_state_dict_default(
+                self.local_attention, f"{prefix}local_attention.", sharded_offsets, metadata, tp_group=self.tp_group
+            )
+        )
+        return sharded

@@ -1,0 +1,40 @@
+"""Building a memorizing GPTModel from a MemorizingConfig.
+
+The model is Megatron-Core's own GPTModel; only the layer specs differ (see spec.py). Under
+virtual pipeline parallelism a rank holds several model chunks, as in Megatron-LM.
+"""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_memorizing.config import MemorizingConfig
+from megatron_memorizing.spec import memorizing_block_spec
+
+
+def build_model_chunk(config: MemorizingConfig, vp_stage=None, use_transformer_engine=None) -> GPTModel:
+    transformer_config = config.transformer_config()
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=memorizing_block_spec(config, transformer_config, vp_stage, use_transformer_engine),
+        vocab_size=config.vocab_size,
+        max_sequence_length=config.segment_length,
+        pre_process=first,
+        post_process=last,
+        share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
+        position_embedding_type=config.position_embedding_type,
+        rotary_percent=config.rotary_percent,
+        rotary_base=config.rotary_base,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(config: MemorizingConfig, use_transformer_engine=None) -> list[GPTModel]:
+    """The model chunks of this rank: one, or one per virtual pipeline stage."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    if vpp is None:
+        return [build_model_chunk(config, None, use_transformer_engine)]
+    return [build_model_chunk(config, i, use_transformer_engine) for i in range(vpp)]

@@ -1,0 +1,98 @@
+"""Starting and stopping torch.distributed and Megatron-Core's model-parallel state.
+
+The one place that decides the backend: NCCL when CUDA is available, otherwise gloo with the CPU
+patches from ``patches`` applied. The same call serves torchrun, the deepspeed launcher (both set
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and a plain single-process run.
+"""
+
+import datetime
+import os
+import random
+import socket
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+import patches
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _default_to_single_process() -> None:
+    # DeepSpeed reads these too (without them it falls back to MPI discovery), so they are set in
+    # the environment rather than passed to init_process_group.
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _seed(seed: int) -> None:
+    # Megatron's convention: pipeline stages draw different dropout masks; TP ranks share this
+    # seed (their model-parallel stream is derived from it by the RNG tracker).
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    # On CPU this is also the generator that the patched tracker treats as "the device" one.
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize_distributed(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    context_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initializes the process group, Megatron's parallel groups, and every RNG this run uses.
+
+    Data parallelism takes the remaining factor of the world size.
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        patches.apply_cpu_patches()
+    _default_to_single_process()
+    world_size = int(os.environ["WORLD_SIZE"])
+    model_parallel_size = (
+        tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
+    )
+    if world_size % model_parallel_size:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tensor ({tensor_model_parallel_size}) x "
+            f"pipeline ({pipeline_model_parallel_size}) x context ({context_parallel_size}) "
+            f"parallel sizes = {model_parallel_size}"
+        )
+
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if on_gpu else "gloo",
+            rank=int(os.environ["RANK"]),
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    _seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tears down Megatron's parallel groups and the process group (safe to call twice)."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

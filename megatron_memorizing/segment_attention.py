@@ -1,0 +1,148 @@
+"""Core attention over one segment of a streamed document, with an optional Transformer-XL cache.
+
+This is the base of every core attention the plugin puts into a Megatron-Core layer:
+- the attention itself is the stock core attention of the base layer spec (DotProductAttention,
+  or TEDotProductAttention when Transformer Engine is installed), built unchanged, so a layer with
+  nothing switched on computes exactly what stock Megatron computes;
+- it owns per-slot state that outlives a step (here the XL cache; in KNNAttention the memory),
+  addressed by the `slots` of the micro-batch being run, which the model's memory handle selects.
+
+State is never written during forward. Forward only *stages* what it would write, and the handle
+commits after the optimizer step, so forward is a pure function of (parameters, inputs, state
+before the step): activation recompute, pipeline schedules and gradient accumulation all see the
+same state however often and in whatever order they run forward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+from megatron_memorizing.memory import KNNMemory
+from megatron_memorizing.positions import RotaryPositions
+
+
+def state_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class SegmentAttention(MegatronModule):
+    """Causal attention over the current segment (and the previous one, with the XL cache on).
+
+    Built by SelfAttention with Megatron's core-attention arguments; the keyword arguments after
+    `pg_collection` come from the layer spec's params (see `megatron_memorizing.spec`).
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        cp_comm_type: Optional[str] = None,
+        softmax_scale: Optional[float] = None,
+        pg_collection=None,
+        *,
+        local_attention: ModuleSpec,
+        num_slots: int,
+        segment_length: int,
+        xl_cache: bool = False,
+        rotary: Optional[dict] = None,
+    ):
+        super().__init__(config=config)
+        self.layer_number = layer_number
+        self.local_attention = build_module(
+            local_attention,
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type=attention_type,
+            cp_comm_type=cp_comm_type,
+            softmax_scale=softmax_scale,
+            pg_collection=pg_collection,
+        )
+        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        tp_size = self.tp_group.size()
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        self.head_dim = config.kv_channels
+        self.num_slots = num_slots
+        self.segment_length = segment_length
+        # `rotary` is None unless the model uses RoPE: q/k then carry no position to remove.
+        self.rotary = RotaryPositions(config, **rotary) if rotary is not None else None
+        # Which memory slots the current micro-batch streams; set by ModelMemories.
+        self.slots = slice(0, num_slots)
+        # The previous segment's un-rotated keys and values, per slot (a memory as long as a segment).
+        self.xl_cache = (
+            KNNMemory(num_slots, self.groups_per_partition, segment_length, self.head_dim, device=state_device())
+            if xl_cache
+            else None
+        )
+
+    def stateful_memories(self) -> dict[str, KNNMemory]:
+        """Per-slot state this layer keeps across steps, by name (checkpointed by the trainer)."""
+        return {"xl_cache": self.xl_cache} if self.xl_cache is not None else {}
+
+    # ---------------------------------------------------------------------------------------------
+    def unrotated(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotary.unrotate(x) if self.rotary is not None else x
+
+    def _check_batch(self, query: torch.Tensor) -> None:
+        n = len(range(self.num_slots)[self.slots])
+        if query.shape[1] != n:
+            raise RuntimeError(
+                f"layer {self.layer_number}: the micro-batch has {query.shape[1]} sequences but "
+                f"{n} memory slots are selected ({self.slots}); select the micro-batch's slots with "
+                f"ModelMemories.use_micro_batch() before the forward pass."
+            )
+
+    def local(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs) -> torch.Tensor:
+        """Local causal attention, over [previous segment; current segment] when the XL cache is on."""
+        if self.xl_cache is None:
+            return self.local_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
+        self._check_batch(query)
+        s = query.shape[0]
+        cache_keys, cache_values, cache_valid = self.xl_cache.contents(self.slots)  # [b, g, L, d], [b, L]
+        cached_len = cache_keys.shape[2]
+        # Stored un-rotated: rotate them to positions -L..-1, just before the current segment.
+        cache_keys = cache_keys.permute(2, 0, 1, 3).to(key.dtype)
+        if self.rotary is not None:
+            cache_keys = self.rotary.rotate(cache_keys, offset=-cached_len)
+        cache_values = cache_values.permute(2, 0, 1, 3).to(value.dtype)
+        causal = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+        mask = torch.cat(
+            [(~cache_valid)[:, None, None, :].expand(-1, 1, s, -1), causal.expand(query.shape[1], 1, s, s)],
+            dim=-1,
+        )  # [b, 1, s, L+s], True = masked
+        output = self.local_attention(
+            query,
+            torch.cat([cache_keys, key]),
+            torch.cat([cache_values, value]),
+            mask,
+            attn_mask_type=AttnMaskType.arbitrary,
+            **kwargs,
+        )
+        self.xl_cache.stage(self.slots, *_as_memory_layout(self.unrotated(key), value))
+        return output
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "packed sequences mix documents in one row; memorizing models stream one document "
+                "per slot. Train without sequence packing."
+            )
+        return self.local(
+            query, key, value, attention_mask, attn_mask_type=attn_mask_type, attention_bias=attention_bias
+        )
+
+
+def _as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[s, b, h, d] activations -> detached [b, h, s, d] memory entries (memory is not differentiable)."""
+    return tuple(t.detach().permute(1, 2, 0, 3) for t in tensors)

@@ -1,0 +1,157 @@
+"""kNN-augmented attention inside a real Megatron-Core GPTModel (one process, TP=PP=DP=1)."""
+
+import math
+
+import pytest
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_memorizing.knn_attention import KNNAttention
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.model import build_model
+from megatron_memorizing.positions import RotaryPositions
+from megatron_memorizing.training.step import forward_backward
+from tiny import document_batches, tiny_config
+
+
+def built(config, seed=7):
+    torch.manual_seed(seed)
+    chunks = build_model(config)
+    return chunks, ModelMemories(chunks, config.micro_batch_size)
+
+
+def run_steps(chunks, memories, batches, forward_only=True):
+    losses = []
+    for batch in batches:
+        losses.append(forward_backward(chunks, memories, batch, forward_only=forward_only).mean)
+        memories.commit()
+    return losses
+
+
+def test_spec_puts_memory_only_in_the_configured_layer(single_rank):
+    config = tiny_config()
+    (model,), memories = built(config)
+    kinds = [type(layer.self_attention.core_attention) for layer in model.decoder.layers]
+    assert kinds == [DotProductAttention, DotProductAttention, KNNAttention, DotProductAttention]
+    assert [layer.layer_number for layer in memories.knn_layers] == [3]
+    assert tiny_config(num_layers=12, memory_layers=None).memory_layers == (9,)  # the paper's layer 9 of 12
+
+
+def test_closed_gate_equals_stock_megatron_and_open_gate_uses_memory(single_rank):
+    config = tiny_config()
+    batches = document_batches(steps=3, slots=config.memory_slots, length=16, vocab=128)
+    stock = run_steps(*built(tiny_config(memory_layers=())), batches)
+    closed_chunks, closed_memories = built(tiny_config(gate_init=-1e4))
+    closed = run_steps(closed_chunks, closed_memories, batches)
+    opened = run_steps(*built(tiny_config(gate_init=0.0)), batches)
+
+    assert closed == stock  # bitwise: sigmoid(-1e4) == 0 and the local path is stock Megatron
+    assert closed_memories.knn_layers[0].memory.fill.tolist() == [40] * 4  # memory was filled and read
+    assert opened[0] == stock[0]  # empty memory on a document's first segment: local attention only
+    assert opened[1] != stock[1] and opened[2] != stock[2]
+
+
+def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, use_cpu_initialization=True
+    )
+    layer = KNNAttention(
+        config=config,
+        layer_number=1,
+        attn_mask_type=AttnMaskType.causal,
+        attention_type="self",
+        local_attention=ModuleSpec(module=DotProductAttention),
+        num_slots=num_slots,
+        segment_length=length,
+        rotary=dict(rotary_base=10000, rotary_percent=1.0) if rotary else None,
+        memory_size=memory_size,
+        top_k=4,
+        gate_init=1e4,  # g = 1: the output is the memory read alone
+    )
+    with torch.no_grad():
+        layer.memory_log_scale.fill_(math.log(200.0))  # a sharp softmax: the best match wins
+    return config, layer
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["no-rope", "rope"])
+def test_answer_only_in_memory_is_retrieved_from_its_own_slot(single_rank, rotary):
+    config, layer = _layer(rotary)
+    positions = RotaryPositions(config, rotary_base=10000, rotary_percent=1.0)
+    rotate = positions.rotate if rotary else (lambda x: x)
+    g = torch.Generator().manual_seed(0)
+    s, b, h, d = 8, 2, 2, 16
+    past_keys, past_values = torch.randn(s, b, h, d, generator=g), torch.randn(s, b, h, d, generator=g)
+
+    # Segment 1 writes its keys (rotated for their positions, as SelfAttention hands them over).
+    layer(rotate(torch.randn(s, b, h, d, generator=g)), rotate(past_keys), past_values, None)
+    layer.memory.commit()
+
+    # Segment 2 asks for segment 1's keys in reversed order, at other positions of the segment:
+    # only the memory holds the answers, and memory keys must carry no position.
+    queries = rotate(past_keys.flip(0))
+    fresh = torch.randn(s, b, h, d, generator=g)
+    out = layer(queries, rotate(fresh), torch.randn(s, b, h, d, generator=g), None).view(s, b, h, d)
+    torch.testing.assert_close(out, past_values.flip(0), atol=1e-3, rtol=1e-3)
+
+    # Slot 1 asking for slot 0's keys gets no slot-0 values: each slot holds its own document.
+    swapped = layer(queries.flip(1), rotate(fresh), torch.randn(s, b, h, d, generator=g), None).view(s, b, h, d)
+    assert not torch.allclose(swapped[:, 1], past_values.flip(0)[:, 0], atol=0.1)
+
+    layer.memory.reset(torch.tensor([True, False]))
+    after_reset = layer(queries, rotate(fresh), torch.randn(s, b, h, d, generator=g), None).view(s, b, h, d)
+    torch.testing.assert_close(after_reset[:, 1], past_values.flip(0)[:, 1], atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(after_reset[:, 0], past_values.flip(0)[:, 0], atol=0.1)
+
+
+def test_gradients_reach_queries_and_gate_but_never_memory(single_rank):
+    _, layer = _layer(rotary=True)
+    with torch.no_grad():
+        layer.gate_bias.zero_()
+        layer.memory_log_scale.fill_(1.0)
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 2, 2, 16)
+    layer(torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(shape, generator=g), None)
+    layer.memory.commit()
+    q, k, v = (torch.randn(shape, generator=g, requires_grad=True) for _ in range(3))
+    layer(q, k, v, None).sum().backward()
+    assert q.grad.abs().sum() > 0 and layer.gate_bias.grad.abs().sum() > 0
+    assert layer.memory_log_scale.grad.abs().sum() > 0
+    assert not layer.memory.keys.requires_grad and not layer.memory.values.requires_grad
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+@pytest.mark.parametrize("xl_cache", [False, True], ids=["memory", "memory+xl"])
+def test_recompute_gives_identical_outputs_gradients_and_memory(single_rank, recompute, xl_cache):
+    batches = document_batches(steps=3, slots=4, length=16, vocab=128)
+    results = []
+    for mode in ("none", recompute):
+        chunks, memories = built(tiny_config(recompute=mode, xl_cache=xl_cache))
+        losses = run_steps(chunks, memories, batches[:2], forward_only=False)
+        for p in chunks[0].parameters():
+            p.grad = None  # keep only the last step's gradients
+        losses += run_steps(chunks, memories, batches[2:], forward_only=False)
+        grads = {n: p.grad.clone() for n, p in chunks[0].named_parameters()}
+        results.append((losses, grads, memories.state_dict()))
+    (losses_a, grads_a, memory_a), (losses_b, grads_b, memory_b) = results
+    assert losses_a == losses_b
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=0, atol=0, msg=name)
+    for name in memory_a:
+        for field in memory_a[name]:
+            assert torch.equal(torch.as_tensor(memory_a[name][field]), torch.as_tensor(memory_b[name][field])), name
+
+
+def test_xl_cache_sees_the_previous_segment(single_rank):
+    """With the XL cache, a document's second segment is predicted differently than without it."""
+    batches = document_batches(steps=2, slots=4, length=16, vocab=128)
+    plain = run_steps(*built(tiny_config(memory_layers=())), batches)
+    chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True))
+    xl = run_steps(chunks, memories, batches)
+    assert xl[0] == pytest.approx(plain[0], abs=1e-6)  # empty cache: same as no cache
+    assert xl[1] != pytest.approx(plain[1], abs=1e-6)
+    assert [name.split(".")[1] for name, _ in memories.named_memories()] == ["xl_cache"] * 4

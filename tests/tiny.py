@@ -1,0 +1,45 @@
+"""Tiny models and synthetic document streams shared by the tests."""
+
+import torch
+
+from megatron_memorizing.config import MemorizingConfig
+from megatron_memorizing.training.step import SegmentBatch
+
+
+def tiny_config(**overrides) -> MemorizingConfig:
+    fields = dict(
+        num_layers=4,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=128,
+        segment_length=16,
+        memory_layers=(3,),
+        memory_size=40,  # not a multiple of the segment: the ring wraps mid-segment
+        knn_top_k=4,
+        micro_batch_size=2,
+        num_micro_batches=2,
+        share_embeddings_and_output_weights=False,
+    )
+    fields.update(overrides)
+    return MemorizingConfig(**fields)
+
+
+def document_batches(steps: int, slots: int, length: int, vocab: int, boundaries=((3, 1),), seed: int = 0):
+    """Segments of random-token documents; (step, slot) in `boundaries` starts a new document there.
+
+    Tokens repeat within a document (a small per-document alphabet), so memory has something to find.
+    """
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for step in range(steps):
+        tokens = torch.randint(0, vocab, (slots, length + 1), generator=g)
+        new_document = torch.tensor([step == 0 or (step, s) in boundaries for s in range(slots)])
+        batches.append(
+            SegmentBatch(
+                tokens=tokens[:, :-1].contiguous(),
+                labels=tokens[:, 1:].contiguous(),
+                loss_mask=torch.ones(slots, length),
+                new_document=new_document,
+            )
+        )
+    return batches
