@@ -57,11 +57,7 @@ def initialize_distributed(
 
     Data parallelism takes the remaining factor of the world size.
     """
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        patches.apply_cpu_patches()
-    _default_to_single_process()
-    world_size = int(os.environ["WORLD_SIZE"])
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel_size = (
         tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     )
@@ -71,6 +67,10 @@ def initialize_distributed(
             f"pipeline ({pipeline_model_parallel_size}) x context ({context_parallel_size}) "
             f"parallel sizes = {model_parallel_size}"
         )
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        patches.apply_cpu_patches()
+    _default_to_single_process()
 
     if on_gpu:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

@@ -27,8 +27,8 @@ _applied = False
 def apply_cpu_patches() -> bool:
     """Patches Megatron-Core to run on the CPU over gloo; returns whether patches are in effect.
 
-    Idempotent. With CUDA available it changes nothing and returns False. Raises RuntimeError on a
-    megatron-core release the patches were not checked against (see ``check_megatron_core_version``).
+    Idempotent. With CUDA available it changes nothing and returns False. Raises RuntimeError on
+    a megatron-core release the patches were not checked against (``check_megatron_core_version``).
     Call it before building models or seeding Megatron's RNG tracker.
     """
     global _applied

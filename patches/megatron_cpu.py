@@ -46,6 +46,12 @@ CUDA_DEVICE_CALL_SITES = {
     "(found_inf, _scale), get_loss_scale",
     "megatron.core.optimizer.clip_grads": "get_grad_norm_fp32, count_zeros_fp32",
     "megatron.core.optimizer.grad_scaler": "ConstantGradScaler/DynamicGradScaler.__init__",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "FileSystemWriterAsync."
+    "preload_tensors (synchronize after the device-to-host copy of a checkpoint save)",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save_state_dict_async_plan "
+    "(verify_reuse all-reduce), save_state_dict_async_finalize (node failure all-reduce)",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "AsyncRequest/AsyncCallsQueue "
+    "(is-alive and call-index all-reduces, synchronize)",
 }
 
 
@@ -62,8 +68,8 @@ def patch_cuda_device_call_sites() -> None:
 def patch_rng_tracker() -> None:
     """Makes ``megatron.core.tensor_parallel.random`` keep CPU generator states.
 
-    Call sites: ``model_parallel_cuda_manual_seed`` -> ``initialize_rng_tracker`` builds the module's
-    ``CudaRNGStatesTracker`` whose ``add`` reads the CUDA generator; ``CudaRNGStatesTracker.fork``
+    Call sites: ``model_parallel_cuda_manual_seed`` -> ``initialize_rng_tracker`` builds the
+    module's ``CudaRNGStatesTracker``, whose ``add`` reads the CUDA generator; ``fork``
     (attention dropout, always) and ``_get_all_rng_states``/``_set_all_rng_states`` (activation
     recompute: ``CheckpointFunction``, ``CheckpointWithoutOutput``) call the module-level
     ``_get_cuda_rng_state``/``_set_cuda_rng_state``.
@@ -109,7 +115,7 @@ def clip_grad_by_total_norm(
 
 
 def patch_clip_grads() -> None:
-    """Replaces ``clip_grad_by_total_norm_fp32`` where ``megatron.core.optimizer.optimizer`` calls it.
+    """Gives ``megatron.core.optimizer.optimizer`` a clip function without the CUDA assertion.
 
     Call site: ``MegatronOptimizer.clip_grad_norm`` (every ``get_megatron_optimizer`` optimizer
     with ``clip_grad > 0``). Failure: ``assert param.grad.type() == 'torch.cuda.FloatTensor'``.

@@ -199,6 +199,13 @@ def test_bf16_storage_rerank_recall_and_half_bytes():
     assert mem.nbytes - 16 == (fp32.nbytes - 16) // 2
 
 
+def test_bf16_storage_with_float32_scores_is_exact():
+    mem, ref = KNNMemory(S, H, 300, D, dtype=torch.bfloat16, score_dtype=torch.float32, search_chunk_size=64), \
+        Reference(300, torch.bfloat16)
+    fill_both(mem, ref, steps=4, seed=30)
+    assert_search_matches(mem, ref, unit(S, H, 8, D, seed=31), k=32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_faiss_backend_equals_torch(dtype):
     pytest.importorskip("faiss")
@@ -273,6 +280,8 @@ def test_clear_errors():
         mem.stage([0], unit(1, H, 2, D + 1, seed=28), unit(1, H, 2, D, seed=28))
     with pytest.raises(ValueError, match="dtype"):
         KNNMemory(S, H, 10, D, dtype=torch.float16)
+    with pytest.raises(ValueError, match="score_dtype"):
+        KNNMemory(S, H, 10, D, score_dtype=torch.float64)
     with pytest.raises(ValueError, match="backend"):
         KNNMemory(S, H, 10, D, backend="annoy")
 

@@ -46,10 +46,24 @@ def memory_bytes(num_slots, num_heads, capacity, head_dim, dtype=torch.float32):
 
 
 class KNNMemory:
+    """Ring buffers [num_slots, num_heads, capacity, head_dim] with exact top-k search.
+
+    dtype: storage, float32 or bfloat16 (half the bytes).
+    search_chunk_size: memory entries scored at once; bounds search's extra memory to about
+        slots*heads*queries*search_chunk_size scores.
+    score_dtype: dtype the chunked search scores in, default the storage dtype. Scoring in bf16
+        keeps the top-(rerank_factor*k) candidates and re-ranks them with exact float32 scores.
+        On CPUs without native bf16 matmul (AVX2) bf16 scoring is several times slower than
+        float32; score_dtype=torch.float32 upcasts each chunk instead and needs no re-rank.
+    backend: "torch", or "faiss" (exact brute force with faiss.knn / faiss.knn_gpu).
+    """
+
     def __init__(self, num_slots, num_heads, capacity, head_dim, *, dtype=torch.float32, device=None,
-                 search_chunk_size=8192, rerank_factor=2, backend="torch"):
+                 search_chunk_size=8192, rerank_factor=2, backend="torch", score_dtype=None):
         if dtype not in _STORAGE_DTYPES:
             raise ValueError(f"storage dtype must be one of {_STORAGE_DTYPES}, got {dtype}")
+        if score_dtype not in (None,) + _STORAGE_DTYPES:
+            raise ValueError(f"score_dtype must be None or one of {_STORAGE_DTYPES}, got {score_dtype}")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if min(num_slots, num_heads, capacity, head_dim, search_chunk_size, rerank_factor) < 1:
@@ -61,6 +75,7 @@ class KNNMemory:
         self.search_chunk_size = search_chunk_size
         self.rerank_factor = rerank_factor
         self.backend = backend
+        self.score_dtype = score_dtype or dtype
         shape = (num_slots, num_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -93,6 +108,15 @@ class KNNMemory:
             return slots.long().flatten()
         return torch.arange(self.num_slots, device=self.device)[slots]
 
+    def _gather(self, buffer, slot_ids, idx, dtype=COMPUTE_DTYPE):
+        """buffer[slot_ids[i], j, idx[i, j, ...]] as [s, h, ..., d]; idx [s, h or 1, ...] indexes capacity.
+        One index_select over the flattened buffer: faster than advanced indexing on CPU."""
+        shape = (-1,) + (1,) * (idx.dim() - 1)
+        heads = torch.arange(self.num_heads, device=self.device).view((1, -1) + (1,) * (idx.dim() - 2))
+        flat = (slot_ids.view(shape) * self.num_heads + heads) * self.capacity + idx
+        rows = buffer.view(-1, self.head_dim).index_select(0, flat.flatten())
+        return rows.view(*flat.shape, self.head_dim).to(dtype)
+
     def _positions(self, slot_ids, ring_idx):
         """Absolute position of the valid entry at ring index ring_idx [s, ...] of slots slot_ids [s]."""
         shape = (-1,) + (1,) * (ring_idx.dim() - 1)
@@ -118,32 +142,28 @@ class KNNMemory:
         index = slice(None) if slots is None else slots if isinstance(slots, slice) else slot_ids
         if self.backend == "faiss":
             scores, idx = faiss_topk(queries, self.keys, index, fill, k)
-        elif self.dtype == COMPUTE_DTYPE:
-            scores, idx = torch_topk(queries, self.keys, index, fill, k, self.search_chunk_size)
+        elif self.score_dtype == COMPUTE_DTYPE:
+            scores, idx = torch_topk(queries, self.keys, index, fill, k, self.search_chunk_size, self.score_dtype)
         else:
             scores, idx = self._search_rerank(queries, index, slot_ids, fill, k)
 
         valid = (idx >= 0) & (idx < fill.view(-1, 1, 1, 1))
         idx = idx.clamp(min=0)
-        heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1, 1)
-        at = (slot_ids.view(-1, 1, 1, 1), heads, idx)
         empty = ~valid.unsqueeze(-1)
         return Retrieved(
-            keys=self.keys[at].to(COMPUTE_DTYPE).masked_fill(empty, 0),
-            values=self.values[at].to(COMPUTE_DTYPE).masked_fill(empty, 0),
+            keys=self._gather(self.keys, slot_ids, idx).masked_fill_(empty, 0),
+            values=self._gather(self.values, slot_ids, idx).masked_fill_(empty, 0),
             valid=valid,
             positions=self._positions(slot_ids, idx).masked_fill(~valid, -1),
             scores=scores.masked_fill(~valid, float("-inf")),
         )
 
     def _search_rerank(self, queries, index, slot_ids, fill, k):
-        """Low-precision storage: coarse top-(rerank_factor*k) in the storage dtype, then exact
-        float32 scores of those candidates pick the top-k (bf16 scores alone miss a few percent)."""
+        """Low-precision scores: coarse top-(rerank_factor*k), then exact float32 scores of those
+        candidates pick the top-k (bf16 scores alone miss a few percent of the true top-k)."""
         wide = min(self.rerank_factor * k, self.capacity)
-        _, cand = torch_topk(queries, self.keys, index, fill, wide, self.search_chunk_size)
-        heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1, 1)
-        cand_keys = self.keys[slot_ids.view(-1, 1, 1, 1), heads, cand].to(COMPUTE_DTYPE)
-        exact = torch.matmul(cand_keys, queries.unsqueeze(-1)).squeeze(-1)
+        _, cand = torch_topk(queries, self.keys, index, fill, wide, self.search_chunk_size, self.score_dtype)
+        exact = torch.einsum("shqkd,shqd->shqk", self._gather(self.keys, slot_ids, cand), queries)
         exact.masked_fill_(cand >= fill.view(-1, 1, 1, 1), float("-inf"))
         scores, pick = exact.topk(k, dim=-1)
         return scores, cand.gather(-1, pick)
@@ -216,11 +236,9 @@ class KNNMemory:
         c = self.capacity
         ring = self._chronological_ring(slot_ids, c, torch.full_like(slot_ids, c - 1))
         valid = torch.arange(c, device=self.device) >= (c - self.fill[slot_ids])[:, None]
-        heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
-        at = (slot_ids.view(-1, 1, 1), heads, ring[:, None, :])
         empty = ~valid[:, None, :, None]
-        return (self.keys[at].to(COMPUTE_DTYPE).masked_fill(empty, 0),
-                self.values[at].to(COMPUTE_DTYPE).masked_fill(empty, 0), valid)
+        return (self._gather(self.keys, slot_ids, ring[:, None]).masked_fill_(empty, 0),
+                self._gather(self.values, slot_ids, ring[:, None]).masked_fill_(empty, 0), valid)
 
     @torch.no_grad()
     def resize(self, capacity):
@@ -233,11 +251,9 @@ class KNNMemory:
         # new ring index i < kept holds the i-th oldest kept pair
         ring = self._chronological_ring(slot_ids, capacity, kept - 1)
         valid = torch.arange(capacity, device=self.device) < kept[:, None]
-        heads = torch.arange(self.num_heads, device=self.device).view(1, -1, 1)
-        at = (slot_ids.view(-1, 1, 1), heads, ring[:, None, :])
         empty = ~valid[:, None, :, None]
-        self.keys = self.keys[at].masked_fill(empty, 0)
-        self.values = self.values[at].masked_fill(empty, 0)
+        self.keys, self.values = (self._gather(t, slot_ids, ring[:, None], self.dtype).masked_fill_(empty, 0)
+                                  for t in (self.keys, self.values))
         self.origin = self.written - kept
 
     def state_dict(self):

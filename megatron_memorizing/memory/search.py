@@ -11,24 +11,26 @@ import torch
 NEG_INF = float("-inf")
 
 
-def torch_topk(queries, buffer, slots, fill, k, chunk_size):
+def torch_topk(queries, buffer, slots, fill, k, chunk_size, score_dtype):
     """Top-k of queries [s, h, q, d] against buffer[slots] [s, h, capacity, d], chunked over capacity.
 
-    Scores are computed in the buffer's dtype. Only `chunk_size` memory entries are scored at a
+    Scores are computed in score_dtype. Only `chunk_size` memory entries are scored at a
     time, so the score matrix never exceeds s*h*q*chunk_size elements; per-chunk winners are
     merged into a running top-k, which gives the same result as one big top-k.
     """
-    queries = queries.to(buffer.dtype)
+    queries = queries.to(score_dtype)
+    least, most = torch.stack(fill.aminmax()).tolist()  # one device sync
     # Chunks past the fullest slot hold nothing; but scan at least k entries so the result has
     # k columns even when every slot is nearly empty (those extra columns come out masked).
-    limit = max(int(fill.max()), k)
+    limit = max(most, k)
     best_scores = best_idx = None
     for start in range(0, limit, chunk_size):
-        keys = buffer[:, :, start:min(start + chunk_size, limit)][slots]
+        end = min(start + chunk_size, limit)
+        keys = buffer[:, :, start:end][slots].to(score_dtype)
         scores = torch.matmul(queries, keys.transpose(-1, -2))
-        entry = torch.arange(start, start + keys.shape[2], device=buffer.device)
-        empty = entry[None, :] >= fill[:, None]
-        scores.masked_fill_(empty[:, None, None, :], NEG_INF)
+        if end > least:  # some slot has empty entries in this chunk
+            empty = torch.arange(start, end, device=buffer.device)[None, :] >= fill[:, None]
+            scores.masked_fill_(empty[:, None, None, :], NEG_INF)
         scores, idx = scores.topk(min(k, scores.shape[-1]), dim=-1)
         idx += start
         if best_scores is not None:

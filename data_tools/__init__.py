@@ -1,0 +1,1 @@
+"""Command-line tools that turn real long-document corpora into Megatron indexed datasets."""

@@ -1,0 +1,23 @@
+"""Data the trainer reads: the document-per-slot stream, the tokenizer, and the dataset manifest."""
+
+from .errors import CorruptDatasetError, DataError, IncompatibleError, TokenizerError
+from .indexed import IndexedDocuments, open_indexed_dataset
+from .manifest import DatasetManifest, check_compatible, dataset_tokenizer_path, read_manifest
+from .stream import Batch, DocumentStream
+from .tokenizer import Tokenizer
+
+__all__ = [
+    "Batch",
+    "CorruptDatasetError",
+    "DataError",
+    "DatasetManifest",
+    "DocumentStream",
+    "IncompatibleError",
+    "IndexedDocuments",
+    "Tokenizer",
+    "TokenizerError",
+    "check_compatible",
+    "dataset_tokenizer_path",
+    "open_indexed_dataset",
+    "read_manifest",
+]

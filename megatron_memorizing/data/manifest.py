@@ -1,0 +1,102 @@
+"""The manifest `prefix.json` beside `prefix.bin/.idx`: which tokenizer made the tokens, how many
+there are, from what corpus, by which command. `check_compatible` turns a mismatch between
+dataset, tokenizer and model into an error before training instead of a silently wrong run."""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import DataError, IncompatibleError
+from .indexed import check_indexed_files
+from .tokenizer import Tokenizer, file_sha256
+
+FORMAT = "megatron-memorizing-dataset/1"
+
+
+@dataclass
+class DatasetManifest:
+    split: str  # train / validation / test, or any name given at preprocessing
+    documents: int
+    tokens: int  # including the end-of-document token appended to each document
+    max_token_id: int
+    dtype: str  # token dtype in the .bin
+    vocab_size: int
+    eod_id: int | None  # None: documents were stored without an end-of-document token
+    tokenizer_file: str  # file name of the tokenizer copy, in the dataset's directory
+    tokenizer_sha256: str
+    source: str  # the JSONL the dataset was made from
+    command: str
+    created: str
+    corpus_stats: dict = field(default_factory=dict)
+    throughput: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+
+def manifest_path(prefix) -> Path:
+    return Path(f"{prefix}.json")
+
+
+def write_manifest(prefix, manifest: DatasetManifest) -> None:
+    with atomic_path(manifest_path(prefix)) as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+
+
+def read_manifest(prefix) -> DatasetManifest:
+    path = manifest_path(prefix)
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: {prefix}.bin/.idx have no manifest, so the tokenizer that made them is "
+            "unknown; (re)build the dataset with `megatron-memorizing-data preprocess`"
+        )
+    try:
+        fields = json.loads(path.read_text())
+        if fields.get("format") != FORMAT:
+            raise ValueError(f"format {fields.get('format')!r}, expected {FORMAT!r}")
+        return DatasetManifest(**fields)
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{path} is not a valid dataset manifest ({error}); rebuild the dataset") from None
+
+
+def dataset_tokenizer_path(prefix, manifest: DatasetManifest) -> Path:
+    return Path(prefix).parent / manifest.tokenizer_file
+
+
+def check_compatible(dataset_prefix, model_vocab_size: int, tokenizer_path=None) -> DatasetManifest:
+    """Raise IncompatibleError (or a DataError subclass) unless the dataset at `dataset_prefix`
+    is whole, its tokenizer copy is the one it was made with, `tokenizer_path` (if given) is that
+    same tokenizer, and every token id fits a model with `model_vocab_size` embeddings."""
+    manifest = read_manifest(dataset_prefix)
+    lengths, bounds, _ = check_indexed_files(dataset_prefix)
+    if (len(bounds) - 1, int(lengths.sum())) != (manifest.documents, manifest.tokens):
+        raise IncompatibleError(
+            f"{dataset_prefix}.bin/.idx hold {len(bounds) - 1} documents and {int(lengths.sum())} tokens, "
+            f"its manifest says {manifest.documents} and {manifest.tokens}: the files were replaced "
+            "after the manifest was written; rebuild the dataset"
+        )
+    own = dataset_tokenizer_path(dataset_prefix, manifest)
+    if not own.is_file():
+        raise IncompatibleError(
+            f"the tokenizer stored with {dataset_prefix} ({own}) is missing; copy it back or rebuild the dataset"
+        )
+    if file_sha256(own) != manifest.tokenizer_sha256:
+        raise IncompatibleError(
+            f"{own} is not the tokenizer {dataset_prefix} was made with (sha256 differs): another dataset "
+            "in the same directory was built with a different tokenizer; rebuild into separate directories"
+        )
+    if tokenizer_path is not None:
+        other = Tokenizer(tokenizer_path)
+        if other.sha256 != manifest.tokenizer_sha256:
+            raise IncompatibleError(
+                f"{dataset_prefix} was tokenized with {own} (sha256 {manifest.tokenizer_sha256[:12]}), "
+                f"but this run uses {other.path} (sha256 {other.sha256[:12]}): use {own}, or re-tokenize "
+                "the data with the run's tokenizer"
+            )
+    if manifest.vocab_size > model_vocab_size or manifest.max_token_id >= model_vocab_size:
+        raise IncompatibleError(
+            f"{dataset_prefix} uses a vocabulary of {manifest.vocab_size} (largest id {manifest.max_token_id}) "
+            f"but the model embeds only {model_vocab_size} ids: set the model's vocab size to at least "
+            f"{manifest.vocab_size}, or use a smaller tokenizer"
+        )
+    return manifest
