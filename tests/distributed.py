@@ -16,6 +16,17 @@ from typing import Any, Dict, Optional, Sequence
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
+# Set by torchrun for each worker; inherited copies (from a test process that initialized
+# torch.distributed for itself) must not leak into the launch.
+_LAUNCHER_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
 # How much of a failed launch's output to show: enough for the traceback of the first rank.
 _OUTPUT_TAIL_CHARS = 6000
 
@@ -50,7 +61,7 @@ def run_torchrun(
             str(result_path),
         ]
         launch_env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV},
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])

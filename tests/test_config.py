@@ -1,0 +1,46 @@
+"""Bad configurations fail at construction, before any process group exists, naming the fix."""
+
+import pytest
+
+from megatron_memorizing.config import ConfigError, MemorizingConfig
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(num_attention_heads=6, hidden_size=96, tensor_model_parallel_size=4), "not divisible by tensor_model_parallel_size=4"),
+        (dict(num_layers=12, pipeline_model_parallel_size=5), "not divisible by pipeline_model_parallel_size=5"),
+        (dict(num_layers=12, memory_layers=(13,)), r"contains \[13\], outside 1..12"),
+        (dict(num_layers=12, memory_layers=(0,)), "1-based"),
+        (dict(memory_size=16, knn_top_k=32), "cannot retrieve more pairs than the memory holds"),
+        (dict(context_parallel_size=2), "context_parallel_size=1"),
+        (dict(memory_dtype="float16"), "use one of"),
+        (dict(memory_backend="annoy"), "use 'torch' or 'faiss'"),
+        (dict(position_embedding_type="alibi"), "T5 relative bias is not supported yet"),
+        (dict(xl_cache=True, position_embedding_type="learned_absolute"), "needs relative positions"),
+        (dict(recompute="partial"), "use 'none', 'selective' or 'full'"),
+        (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3), "divisible by pp\\*vpp=6"),
+        (dict(hidden_size=100, num_attention_heads=8), "set kv_channels explicitly"),
+        (dict(num_query_groups=3), "num_query_groups=3 must divide"),
+    ],
+)
+def test_bad_config_names_the_fix(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        MemorizingConfig(**fields)
+
+
+def test_unknown_field_in_a_config_file_is_refused():
+    with pytest.raises(ConfigError, match=r"unknown model config field\(s\) \['memory_sise'\]"):
+        MemorizingConfig.from_dict({"memory_sise": 8192})
+
+
+def test_round_trip_and_defaults_follow_the_paper():
+    config = MemorizingConfig()
+    assert config.memory_layers == (9,) and config.knn_top_k == 32
+    assert MemorizingConfig.from_dict(config.to_dict()) == config
+    vanilla = MemorizingConfig(memory_layers=())
+    assert vanilla.memory_layers == () and not vanilla.transformer_config().hetereogenous_dist_checkpoint
+
+
+def test_memory_slots_cover_every_micro_batch():
+    assert MemorizingConfig(micro_batch_size=2, num_micro_batches=3).memory_slots == 6
