@@ -33,25 +33,25 @@ def _add_source_args(parser):
                              "(repeatable, e.g. --package libcoq-iris)")
     parser.add_argument("--include", action="append", default=[], metavar="GLOB",
                         help="file-name pattern to read instead of the preset's (repeatable; NAME.gz files match too)")
-    parser.add_argument("--validation-fraction", type=float, default=0.05,
+    parser.add_argument("--validation-fraction", type=float, default=0.05, metavar="FRACTION",
                         help="share of documents in the validation split, chosen by a hash of the document id "
                              "(default 0.05)")
-    parser.add_argument("--test-fraction", type=float, default=0.05,
+    parser.add_argument("--test-fraction", type=float, default=0.05, metavar="FRACTION",
                         help="share of documents in the test split (default 0.05)")
-    parser.add_argument("--min-chars", type=int, default=200,
+    parser.add_argument("--min-chars", type=int, default=200, metavar="N",
                         help="skip documents shorter than this many characters (default 200)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
                         help=f"where fetched packages are extracted and kept (default {DEFAULT_CACHE})")
 
 
 def _add_tokenizer_args(parser):
-    parser.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary size (default 8000)")
+    parser.add_argument("--vocab-size", type=int, default=8000, metavar="N", help="SentencePiece vocabulary size (default 8000)")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
                         help="SentencePiece algorithm (default bpe: seconds; unigram takes ~10x longer)")
 
 
 def _workers_arg(parser):
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="tokenizer processes for preprocessing (default: all CPU cores)")
 
 
@@ -69,9 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_source_args(build)
     _add_tokenizer_args(build)
-    build.add_argument("--tokenizer", type=Path,
+    build.add_argument("--tokenizer", type=Path, metavar="MODEL",
                        help="use this existing SentencePiece .model instead of training one (ignores --vocab-size)")
-    build.add_argument("--out", type=Path, help="output directory (default data/PRESET)")
+    build.add_argument("--out", type=Path, metavar="DIR", help="output directory (default data/PRESET)")
     _workers_arg(build)
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds other files or another build")
 

@@ -18,6 +18,25 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and the fix."""
 
 
+def checked_fields(cls, values: dict, where: str) -> dict:
+    """`values` for dataclass `cls`, refusing unknown names and reading "3e-4"-style strings as floats.
+
+    (YAML 1.1, which PyYAML reads, takes 3e-4 for a string; a float field should still accept it.)
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown field(s) {unknown} in {where}; valid fields are {sorted(fields)}.")
+    out = dict(values)
+    for name, value in values.items():
+        if isinstance(value, str) and isinstance(fields[name].default, float):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}.{name}={value!r} is not a number.") from None
+    return out
+
+
 _MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
@@ -205,6 +224,9 @@ class MemorizingConfig:
             hetereogenous_dist_checkpoint=bool(self.memory_layers),
             # Fused kernels and CUDA-side initialisation need Apex/TE or a GPU.
             use_cpu_initialization=cpu,
+            # With virtual stages over two ranks both neighbours are one rank, and batched p2p
+            # matches sends to receives by order: tensors land in the wrong buffers, silently.
+            batch_p2p_comm=self.virtual_pipeline_model_parallel_size is None,
             masked_softmax_fusion=False,
             bias_activation_fusion=False,
             bias_dropout_fusion=False,
@@ -224,13 +246,7 @@ class MemorizingConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemorizingConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown model config field(s) {unknown}; valid fields are {sorted(known)}."
-            )
-        d = dict(d)
+        d = checked_fields(cls, d, "model")
         if d.get("memory_layers") is not None:
             d["memory_layers"] = tuple(d["memory_layers"])
         return cls(**d)

@@ -30,7 +30,7 @@ def test_bad_config_names_the_fix(fields, message):
 
 
 def test_unknown_field_in_a_config_file_is_refused():
-    with pytest.raises(ConfigError, match=r"unknown model config field\(s\) \['memory_sise'\]"):
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['memory_sise'\] in model"):
         MemorizingConfig.from_dict({"memory_sise": 8192})
 
 

@@ -1,0 +1,167 @@
+"""The run configuration: one YAML file, every field documented here, overridable from the command line.
+
+    model:       MemorizingConfig (architecture, memory, parallel layout; see megatron_memorizing/config.py)
+    data:        DataConfig        which indexed datasets to stream
+    optimizer:   OptimizerConfig   AdamW, LR schedule, clipping, DeepSpeed ZeRO or Megatron's optimizer
+    training:    TrainingConfig    steps, seed, memory curriculum, evaluation
+    checkpoint:  CheckpointConfig  where, how often, how many to keep, what to start from
+    logging:     LoggingConfig     tensorboard directory, console interval
+
+Overrides use dotted paths: `--set optimizer.lr=3e-4 --set model.memory_size=65536`. The whole
+config is validated before any process group exists, and saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from megatron_memorizing.config import ConfigError, MemorizingConfig, checked_fields
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/stdlib/train"  # indexed dataset prefix (path without .bin/.idx)
+    validation: Optional[str] = "data/stdlib/validation"  # None: no evaluation
+    seed: int = 0  # document order (the stream shuffles documents by this seed)
+
+
+@dataclass
+class OptimizerConfig:
+    backend: str = "deepspeed"  # "deepspeed" (ZeRO) or "megatron" (Megatron-Core's optimizer, DDP)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage: 0, 1, 2 (or 3 without pipeline parallelism)
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    min_lr: float = 1e-4  # floor of the cosine decay
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # cosine decay length; None -> training.steps - warmup
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clipping; 0 disables
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000  # optimizer steps; each streams one segment into every slot
+    seed: int = 1234
+    # Memory curriculum: [[step, memory_size], ...], sizes growing over the run (contents kept).
+    # Empty: model.memory_size throughout.
+    memory_curriculum: list = field(default_factory=list)
+    eval_interval: int = 0  # steps between validation passes; 0: only at the end
+    eval_segments: int = 64  # validation segments per slot in one pass (None-like 0: whole split)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: no checkpoints
+    interval: int = 100  # steps between checkpoints (and one at the end)
+    keep_last: int = 3  # older complete checkpoints are deleted
+    resume: bool = True  # continue from the newest complete checkpoint in `dir`, if any
+    # A checkpoint (e.g. of a vanilla model) to take weights from at step 0; parameters it
+    # lacks (the memory gate and scale) keep their initial values: the paper's fine-tuning recipe.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"  # tensorboard event files and the console log go here
+    interval: int = 10  # steps between console lines
+
+
+@dataclass
+class RunConfig:
+    model: MemorizingConfig = field(default_factory=MemorizingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        opt, model, training = self.optimizer, self.model, self.training
+        if opt.backend not in ("deepspeed", "megatron"):
+            raise ConfigError(f"optimizer.backend={opt.backend!r}: use 'deepspeed' or 'megatron'.")
+        if opt.backend == "deepspeed" and opt.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"optimizer.zero_stage={opt.zero_stage}: DeepSpeed ZeRO stages are 0-3.")
+        if opt.backend == "deepspeed" and opt.zero_stage >= 2 and model.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                f"optimizer.zero_stage={opt.zero_stage} with pipeline_model_parallel_size="
+                f"{model.pipeline_model_parallel_size}: ZeRO-2/3 partition gradients during backward, "
+                f"which pipeline schedules interleave across micro-batches (Megatron-DeepSpeed refuses "
+                f"this too). Use zero_stage=1 with pipeline parallelism."
+            )
+        if opt.backend == "deepspeed" and opt.zero_stage == 3 and model.tensor_model_parallel_size > 1:
+            raise ConfigError(
+                "optimizer.zero_stage=3 partitions parameters, which Megatron-Core's tensor-parallel "
+                "layers already split: use zero_stage 1 or 2 with tensor parallelism."
+            )
+        if training.steps < 1:
+            raise ConfigError(f"training.steps={training.steps} must be at least 1.")
+        if opt.warmup_steps < 0 or opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
+            raise ConfigError("optimizer: need warmup_steps >= 0 and 0 <= min_lr <= lr, lr > 0.")
+        sizes = [size for _, size in training.memory_curriculum]
+        steps = [step for step, _ in training.memory_curriculum]
+        if steps != sorted(steps) or sizes != sorted(sizes):
+            raise ConfigError(
+                f"training.memory_curriculum={training.memory_curriculum}: steps and memory sizes must "
+                f"both increase (small memory first, then larger: the memory grows, keeping its contents)."
+            )
+        if any(size < model.knn_top_k for size in sizes):
+            raise ConfigError(
+                f"training.memory_curriculum has a memory size below model.knn_top_k={model.knn_top_k}."
+            )
+        if self.checkpoint.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be at least 1.")
+
+    # ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; sections are {sorted(sections)}.")
+        built = {}
+        for name, values in d.items():
+            if name == "model":
+                built[name] = MemorizingConfig.from_dict(values or {})
+            else:
+                built[name] = sections[name](**checked_fields(sections[name], values or {}, name))
+        return cls(**built)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "RunConfig":
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist (shipped configs are in configs/).")
+        d = yaml.safe_load(path.read_text()) or {}
+        for override in overrides:
+            apply_override(d, override)
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def apply_override(d: dict, override: str) -> None:
+    """Set `section.field=value` in a config dict; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in override or "." not in override.split("=", 1)[0]:
+        raise ConfigError(f"override {override!r} must look like section.field=value, e.g. optimizer.lr=3e-4")
+    key, value = override.split("=", 1)
+    section, name = key.split(".", 1)
+    d.setdefault(section, {})
+    if d[section] is None:
+        d[section] = {}
+    d[section][name] = yaml.safe_load(value)
