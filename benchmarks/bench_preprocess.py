@@ -1,6 +1,6 @@
 """Preprocessing throughput on the CPython standard-library corpus, 1 and 2 worker processes.
 
-    python benchmarks/bench_preprocess.py [--repeats 3] [--output benchmarks/results/preprocess_cpu.md]
+    python benchmarks/bench_preprocess.py [--repeats 5] [--output benchmarks/results/preprocess_cpu.md]
 
 Builds the stdlib corpus and an 8000-piece tokenizer in a temporary directory, then times
 `preprocess` (read JSONL, tokenize, write .bin/.idx) on the train split. Throughput counts the
@@ -29,7 +29,7 @@ from data_tools.train_tokenizer import train_tokenizer  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per worker count (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per worker count (default 5)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "preprocess_cpu.md",
                         help="markdown file to write the results to")
@@ -44,12 +44,11 @@ def main():
         start = time.perf_counter()
         tokenizer = train_tokenizer([tmp / "corpus" / "train.jsonl"], tmp / "tokenizer.model", 8000)
         tokenizer_s = time.perf_counter() - start
-        runs = {}
-        for workers in args.workers:
-            runs[workers] = [
-                preprocess(tmp / "corpus" / "train.jsonl", tokenizer.path, tmp / f"w{workers}r{r}", workers=workers).throughput
-                for r in range(args.repeats)
-            ]
+        runs = {workers: [] for workers in args.workers}
+        for r in range(args.repeats):  # interleaved, so a burst of other load hits every setting alike
+            for workers in args.workers:
+                out = tmp / f"w{workers}r{r}"
+                runs[workers].append(preprocess(tmp / "corpus" / "train.jsonl", tokenizer.path, out, workers=workers).throughput)
     load_after = os.getloadavg()
 
     train = stats["splits"]["train"]["chars"]

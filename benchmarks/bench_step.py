@@ -21,7 +21,8 @@ from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.memory import memory_bytes
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
-from megatron_memorizing.training.step import SegmentBatch, forward_backward
+from megatron_memorizing.data import Batch
+from megatron_memorizing.training.step import forward_backward
 
 
 def sync():
@@ -90,11 +91,13 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.batch, args.segment + 1), generator=g).to(device)
-    batch = SegmentBatch(
+    batch = Batch(
         tokens=tokens[:, :-1],
         labels=tokens[:, 1:],
         loss_mask=torch.ones(args.batch, args.segment, device=device),
         new_document=torch.zeros(args.batch, dtype=torch.bool, device=device),
+        document_ids=torch.arange(args.batch, device=device),
+        offsets=torch.zeros(args.batch, dtype=torch.int64, device=device),
     )
 
     step_times = {m: [] for m in models}

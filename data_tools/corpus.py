@@ -48,6 +48,7 @@ def build_corpus(
         skipped[reason] += 1
         examples.setdefault(reason, doc_id)
 
+    # The ExitStack closes the files before atomic_path renames them (last entered, first exited).
     with contextlib.ExitStack() as stack:
         tmp = {s: stack.enter_context(atomic_path(out_dir / f"{s}.jsonl")) for s in SPLITS}
         outputs = {s: stack.enter_context(open(tmp[s], "w", encoding="utf-8")) for s in SPLITS}
@@ -78,8 +79,6 @@ def build_corpus(
                     f"the {split} split of {source.preset.name} is empty ({sum(map(len, chars.values()))} documents "
                     f"kept, {dict(skipped)} skipped): use a larger corpus or a larger {split} fraction"
                 )
-        for f in outputs.values():
-            f.close()  # the files must be complete before atomic_path renames them
     stats = dict(
         source=source.preset.name,
         domain=source.preset.domain,

@@ -58,8 +58,10 @@ class KNNAttention(SegmentAttention):
         # temperature of unit-norm vectors scaled to norm sqrt(d), i.e. a logit scale of sqrt(d).
         self.gate_bias = self._per_head_parameter(gate_init)
         self.memory_log_scale = self._per_head_parameter(0.5 * math.log(self.head_dim))
+        self.use_memory = True  # False: local attention only, neither reading nor writing memory
         self.record_retrieval = False
         self.last_retrieval = None
+        self.retrieval_stats: dict[str, torch.Tensor] = {}
 
     def _per_head_parameter(self, value: float) -> torch.nn.Parameter:
         param = torch.nn.Parameter(
@@ -78,6 +80,8 @@ class KNNAttention(SegmentAttention):
     # ---------------------------------------------------------------------------------------------
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         local = super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        if not self.use_memory:
+            return local
         self._check_batch(query)
         s, b, h, d = query.shape
 
@@ -92,6 +96,7 @@ class KNNAttention(SegmentAttention):
         retrieved = self.memory.search(queries_bhsd.detach(), self.top_k, slots=self.slots)
         if self.record_retrieval:  # evaluation and retrieval inspection look at what was found
             self.last_retrieval = retrieved
+        self.retrieval_stats = self._statistics(retrieved)
 
         scale = self.memory_log_scale.float().exp()[None, :, None, None]
         logits = torch.einsum("bhqd,bhqkd->bhqk", queries_bhsd, retrieved.keys) * scale
@@ -107,6 +112,21 @@ class KNNAttention(SegmentAttention):
 
         self.memory.stage(self.slots, *_as_memory_layout(keys, value))
         return mixed.permute(2, 0, 1, 3).reshape(s, b, h * d).to(local.dtype)
+
+    @torch.no_grad()
+    def _statistics(self, retrieved) -> dict[str, torch.Tensor]:
+        """How often, how well and how far back the best match is, for logging (kept as tensors:
+        no device sync in forward; ModelMemories.stats() reads them)."""
+        best = retrieved.valid[..., 0]
+        slots = torch.arange(self.num_slots, device=best.device)[self.slots]
+        # The query at index q of this segment sits at position written + q of its slot's document.
+        now = self.memory.written[slots].view(-1, 1, 1) + torch.arange(best.shape[-1], device=best.device)
+        found = best.float().sum().clamp(min=1)
+        return {
+            "queries_with_memory": best.float().mean(),
+            "top1_score": torch.where(best, retrieved.scores[..., 0], 0.0).sum() / found,
+            "top1_distance": torch.where(best, (now - retrieved.positions[..., 0]).float(), 0.0).sum() / found,
+        }
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         # Megatron's default treats a module's own parameters as replicated across TP ranks;

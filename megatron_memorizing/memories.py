@@ -16,6 +16,7 @@ the stages with memory layers hold any, under DP each rank holds its own slots.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -73,19 +74,21 @@ class ModelMemories:
         for layer in self.knn_layers:
             if memory_size < layer.top_k:
                 raise ValueError(f"memory_size={memory_size} is smaller than knn_top_k={layer.top_k}.")
-            layer.memory.resize(memory_size)
+            if layer.memory.capacity != memory_size:
+                layer.memory.resize(memory_size)
 
     @property
     def nbytes(self) -> int:
         return sum(memory.nbytes for _, memory in self.named_memories())
 
     def stats(self) -> dict[str, float]:
-        """Mean fill and gate per memory layer, for logging."""
+        """Mean fill, gate and retrieval statistics per memory layer of this rank, for logging."""
         out = {}
         for layer in self.knn_layers:
             n = layer.layer_number
             out[f"memory/layer{n}/fill"] = layer.memory.fill.float().mean().item()
             out[f"memory/layer{n}/gate"] = layer.gate.mean().item()
+            out.update({f"memory/layer{n}/{k}": v.item() for k, v in layer.retrieval_stats.items()})
         return out
 
     # --- checkpoints ----------------------------------------------------------------------------------
@@ -100,7 +103,26 @@ class ModelMemories:
                 f"saved by a model with other memory layers or XL cache settings."
             )
         for name, memory in mine.items():
+            # The memory size is part of the state: a curriculum may have grown it since start-up.
+            saved_capacity = state[name]["keys"].shape[2]
+            if saved_capacity != memory.capacity:
+                memory.resize(saved_capacity)
             memory.load_state_dict(state[name])
+
+    def snapshot(self) -> dict:
+        """A copy of every memory, to restore after an evaluation pass that streams other documents."""
+        return {name: {k: v.clone() for k, v in sd.items()} for name, sd in self.state_dict().items()}
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Local attention only inside the block: the model as if it had no memory."""
+        for layer in self.knn_layers:
+            layer.use_memory = False
+        try:
+            yield
+        finally:
+            for layer in self.knn_layers:
+                layer.use_memory = True
 
 
 class _SelectOnBackward(torch.autograd.Function):

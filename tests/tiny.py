@@ -3,7 +3,7 @@
 import torch
 
 from megatron_memorizing.config import MemorizingConfig
-from megatron_memorizing.training.step import SegmentBatch
+from megatron_memorizing.data import Batch
 
 
 def tiny_config(**overrides) -> MemorizingConfig:
@@ -35,11 +35,13 @@ def document_batches(steps: int, slots: int, length: int, vocab: int, boundaries
         tokens = torch.randint(0, vocab, (slots, length + 1), generator=g)
         new_document = torch.tensor([step == 0 or (step, s) in boundaries for s in range(slots)])
         batches.append(
-            SegmentBatch(
+            Batch(
                 tokens=tokens[:, :-1].contiguous(),
                 labels=tokens[:, 1:].contiguous(),
                 loss_mask=torch.ones(slots, length),
                 new_document=new_document,
+                document_ids=torch.arange(slots),
+                offsets=torch.zeros(slots, dtype=torch.int64),
             )
         )
     return batches

@@ -1,6 +1,7 @@
 """One forward/backward pass over a batch of document segments, with the memory lifecycle.
 
-A batch holds one segment per memory slot of this data-parallel rank ([slots, L]); Megatron's
+A batch (megatron_memorizing.data.Batch) holds one segment per memory slot of this data-parallel
+rank ([slots, L]); Megatron's
 schedules cut it into micro-batches, and micro-batch j streams slots [j*b, (j+1)*b). The caller
 runs the optimizer and then `memories.commit()`, which makes this step's keys searchable.
 """
@@ -9,26 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_memorizing.data import Batch
 from megatron_memorizing.memories import ModelMemories
 
 
 @dataclass
-class SegmentBatch:
-    tokens: torch.Tensor  # [slots, L] int64
-    labels: torch.Tensor  # [slots, L] int64, next tokens
-    loss_mask: torch.Tensor  # [slots, L] float, 0 on padding
-    new_document: torch.Tensor  # [slots] bool: the slot starts a new document this step
-
-
-@dataclass
 class StepLoss:
-    loss_sum: float  # summed token losses of this rank's last pipeline stage (0 elsewhere)
+    """This rank's share of the step's loss: real on the last pipeline stage, zeros elsewhere."""
+
+    loss_sum: float  # summed token losses
     tokens: float  # tokens counted in loss_sum
+    token_losses: Optional[torch.Tensor] = None  # [slots, L] per-token loss (0 on padding)
 
     @property
     def mean(self) -> float:
@@ -36,17 +34,29 @@ class StepLoss:
 
 
 def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
-    tokens = mask.sum().to(torch.int)
+    mask = loss_mask.float()
+    token_losses = per_token_loss.float() * mask
+    loss_sum, tokens = token_losses.sum(), mask.sum().to(torch.int)
     # Megatron divides by `tokens` and the micro-batch count: gradients are per-token means.
-    return loss_sum, tokens, {"lm loss": torch.stack([loss_sum.detach(), tokens.detach().float()])}
+    reported = {"lm loss": torch.stack([loss_sum.detach(), tokens.detach().float()]), "token loss": token_losses.detach()}
+    return loss_sum, tokens, reported
+
+
+def sum_over_data_parallel(values: torch.Tensor) -> torch.Tensor:
+    """Sum over data-parallel ranks of last-stage values, known afterwards on every rank.
+
+    One all-reduce over the world: other pipeline stages contribute zeros, and the tensor-parallel
+    ranks of the last stage hold identical copies, hence the division.
+    """
+    values = values.detach().double().clone()
+    torch.distributed.all_reduce(values)
+    return values / parallel_state.get_tensor_model_parallel_world_size()
 
 
 def forward_backward(
     model_chunks: list[torch.nn.Module],
     memories: ModelMemories,
-    batch: SegmentBatch,
+    batch: Batch,
     forward_only: bool = False,
 ) -> StepLoss:
     """Reset slots that start a document, then run Megatron's schedule over the micro-batches."""
@@ -80,6 +90,6 @@ def forward_backward(
         forward_only=forward_only,
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not reduced:
-        return StepLoss(0.0, 0.0)
+        return StepLoss(0.0, 0.0, torch.zeros_like(batch.loss_mask, dtype=torch.float32))
     total = torch.stack([r["lm loss"] for r in reduced]).sum(dim=0)
-    return StepLoss(total[0].item(), total[1].item())
+    return StepLoss(total[0].item(), total[1].item(), torch.cat([r["token loss"] for r in reduced]))

@@ -1,0 +1,78 @@
+"""Perplexity of held-out documents, streamed exactly as in training: memory filled, reset per document.
+
+Besides the overall number it keeps token losses by position in the document, where the paper's
+effect shows: the further into a document, the more of it the memory holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from megatron_memorizing.data import DocumentStream
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
+
+# Position buckets (tokens into the document): [0, 1), [1, 2), [2, 4), ... [2^23, longer).
+POSITION_EDGES = [0] + [2**i for i in range(24)]
+
+
+@dataclass
+class Perplexity:
+    loss_sum: float
+    tokens: float
+    # bucket start -> (loss_sum, tokens); bucket b covers positions [edges[b], edges[b+1])
+    by_position: dict[int, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1.0)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def position_table(self) -> list[tuple[int, float, float]]:
+        """(bucket start, perplexity, tokens) rows for buckets with tokens."""
+        return [(start, math.exp(s / n), n) for start, (s, n) in sorted(self.by_position.items()) if n > 0]
+
+
+@torch.no_grad()
+def evaluate(
+    model_chunks: list[torch.nn.Module],
+    memories: ModelMemories,
+    stream: DocumentStream,
+    max_steps: Optional[int] = None,
+    progress: bool = False,
+) -> Perplexity:
+    """Stream `stream` (loop=False: every document once) through the model; all ranks get the result.
+
+    The memories are left holding the evaluation documents: snapshot and restore them around this
+    call if training continues afterwards.
+    """
+    for chunk in model_chunks:
+        chunk.eval()
+    edges = torch.tensor(POSITION_EDGES)
+    bucket_sums = torch.zeros(2, len(edges), dtype=torch.float64)
+    last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    total_steps = stream.total_steps if max_steps is None else min(max_steps, stream.total_steps or max_steps)
+    try:
+        for _, batch in zip(range(total_steps), tqdm(stream, total=total_steps, disable=not progress, desc="eval")):
+            step = forward_backward(model_chunks, memories, batch, forward_only=True)
+            memories.commit()
+            if last_stage:
+                positions = batch.offsets[:, None] + torch.arange(batch.tokens.shape[1])
+                bucket = (torch.bucketize(positions, edges, right=True) - 1).flatten()
+                bucket_sums[0].index_add_(0, bucket, step.token_losses.flatten().cpu().double())
+                bucket_sums[1].index_add_(0, bucket, batch.loss_mask.flatten().cpu().double())
+    finally:
+        for chunk in model_chunks:
+            chunk.train()
+    sums = sum_over_data_parallel(bucket_sums)
+    by_position = {POSITION_EDGES[b]: (sums[0, b].item(), sums[1, b].item()) for b in range(len(POSITION_EDGES))}
+    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position)

@@ -1,0 +1,59 @@
+"""Train a memorizing GPT: `megatron-memorizing-train --config configs/tiny-cpu.yaml [--set a.b=c ...]`.
+
+Runs unchanged under `torchrun`, the `deepspeed` launcher (which appends --local_rank) and SLURM's
+srun (via launch_scripts/), or as one plain process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_memorizing.config import ConfigError
+from megatron_memorizing.training.config import RunConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="megatron-memorizing-train",
+        description="Train a Memorizing Transformer on Megatron-Core (DeepSpeed ZeRO or Megatron's optimizer).",
+    )
+    parser.add_argument("--config", required=True, help="YAML run config (see configs/ and docs/training.md)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set optimizer.lr=3e-4 --set model.memory_size=65536 (repeatable)",
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = RunConfig.load(args.config, args.set)
+    except ConfigError as error:  # before any process group: a clean message, no traceback
+        print(f"megatron-memorizing-train: bad config: {error}", file=sys.stderr)
+        return 2
+
+    from megatron_memorizing.training.trainer import Trainer  # heavy imports only once the config is good
+
+    trainer = Trainer(config)
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    if trainer.logger.is_writer:
+        print(f"trained {result.steps} steps; final training loss {result.train_loss:.4f}")
+        if result.validation is not None:
+            print(f"validation perplexity with memory:    {result.validation.perplexity:.3f}")
+        if result.validation_without_memory is not None:
+            print(f"validation perplexity memory disabled: {result.validation_without_memory.perplexity:.3f}")
+        print(f"tensorboard logs: {result.log_dir}   (tensorboard --logdir {result.log_dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

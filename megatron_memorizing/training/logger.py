@@ -1,0 +1,77 @@
+"""Tensorboard scalars, a progress bar, and a console line every few steps (global rank 0 writes).
+
+Memory statistics live on whichever pipeline stages hold memory layers, so they are gathered to
+rank 0 at log steps only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from megatron_memorizing.training.config import LoggingConfig
+
+
+class TrainingLogger:
+    def __init__(self, config: LoggingConfig, total_steps: int, start_step: int):
+        self.config = config
+        self.is_writer = dist.get_rank() == 0
+        self.writer = SummaryWriter(config.dir) if self.is_writer else None
+        self.progress = tqdm(
+            total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.is_writer, dynamic_ncols=True
+        )
+        self._last_time, self._tokens_since = time.perf_counter(), 0.0
+
+    def step(self, step: int, loss: float, tokens: float, lr: float, grad_norm: float, memory_stats: dict) -> None:
+        """Record one finished step; `memory_stats` is this rank's (gathered to rank 0 when logging)."""
+        self._tokens_since += tokens
+        self.progress.update(1)
+        self.progress.set_postfix_str(f"loss {loss:.3f} ppl {math.exp(min(loss, 50)):.1f} lr {lr:.2e}")
+        if step % self.config.interval and step != self.progress.total:
+            return
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, memory_stats)
+        if not self.is_writer:
+            return
+        now = time.perf_counter()
+        tokens_per_s = self._tokens_since / (now - self._last_time)
+        self._last_time, self._tokens_since = now, 0.0
+        scalars = {
+            "train/loss": loss,
+            "train/perplexity": math.exp(min(loss, 50)),
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": tokens_per_s,
+        }
+        for rank_stats in gathered:  # TP ranks of a stage report the same layers: any copy will do
+            scalars.update(rank_stats)
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        gates = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/gate"))
+        self.progress.write(
+            f"step {step:>6} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):9.2f} | lr {lr:.2e} | "
+            f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s" + (f" | gate {gates}" if gates else "")
+        )
+
+    def scalars(self, values: dict, step: int) -> None:
+        if self.is_writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def message(self, text: str) -> None:
+        if self.is_writer:
+            self.progress.write(text)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.config.dir).resolve()

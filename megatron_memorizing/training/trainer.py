@@ -1,0 +1,151 @@
+"""The training recipe of a memorizing GPT, on any layout from one CPU process to a GPU cluster.
+
+    build the model on Megatron-Core's parallel state, the optimizer (DeepSpeed ZeRO or Megatron's)
+    for every step:
+        grow the memory when the curriculum says so
+        read one segment per slot; slots that start a new document forget the old one
+        forward and backward over the micro-batches (memory read-only)
+        stop on a non-finite loss (the last checkpoint stays the last good one)
+        optimizer step, then commit this step's keys and values to the memory
+        log; checkpoint; evaluate
+    evaluate with memory and with memory disabled
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_memorizing.data import DocumentStream, check_compatible
+from megatron_memorizing.eval.perplexity import Perplexity, evaluate
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.model import build_model
+from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
+from megatron_memorizing.training.checkpoint import Checkpointer, TrainState, load_weights
+from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.training.logger import TrainingLogger
+from megatron_memorizing.training.optimizer import build_optimizer
+from megatron_memorizing.training.schedules import learning_rate, memory_size
+from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    train_loss: float
+    validation: Optional[Perplexity]  # with memory
+    validation_without_memory: Optional[Perplexity]
+    log_dir: str
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        model = config.model
+        initialize_distributed(
+            tensor_model_parallel_size=model.tensor_model_parallel_size,
+            pipeline_model_parallel_size=model.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=model.virtual_pipeline_model_parallel_size,
+            seed=config.training.seed,
+        )
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        # Data, tokenizer and model must agree before any compute is spent.
+        check_compatible(config.data.train, model.vocab_size)
+
+        self.model_chunks = build_model(model)
+        self.memories = ModelMemories(self.model_chunks, model.micro_batch_size)
+        self.optimizer = build_optimizer(config, self.model_chunks)
+        stream = DocumentStream(
+            config.data.train, model.memory_slots, model.segment_length, self.dp_rank, self.dp_size, seed=config.data.seed
+        )
+        self.state = TrainState(self.model_chunks, self.optimizer, self.memories, stream, config)
+        self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
+        self._start()
+        self.logger = TrainingLogger(config.logging, config.training.steps, self.state.step)
+
+    def _start(self) -> None:
+        """Resume from the newest complete checkpoint, or take initial weights from `init_from`."""
+        latest = self.checkpointer.latest() if self.checkpointer and self.config.checkpoint.resume else None
+        if latest is not None:
+            self.checkpointer.load(latest, self.state)
+        elif self.config.checkpoint.init_from:
+            load_weights(self.config.checkpoint.init_from, self.model_chunks)
+
+    # ---------------------------------------------------------------------------------------------
+    def train_step(self, batch) -> tuple[float, float]:
+        """One optimizer step; returns (mean loss, tokens) over all data-parallel ranks."""
+        state, training = self.state, self.config.training
+        wanted = memory_size(state.step, training.memory_curriculum, self.config.model.memory_size)
+        self.memories.resize(wanted)
+
+        self.optimizer.zero_grad()
+        step_loss = forward_backward(self.optimizer.model_chunks, self.memories, batch)
+        loss_sum, tokens = sum_over_data_parallel(torch.tensor([step_loss.loss_sum, step_loss.tokens])).tolist()
+        loss = loss_sum / max(tokens, 1.0)
+        if not math.isfinite(loss):
+            last = self.checkpointer.latest() if self.checkpointer else None
+            raise NonFiniteLossError(
+                f"step {state.step + 1}: the loss is {loss}; stopping before the update. The last good "
+                f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower optimizer.lr, raise "
+                f"optimizer.warmup_steps, or check the data around this step."
+            )
+        lr = learning_rate(state.step, self.config.optimizer, training.steps)
+        result = self.optimizer.step(lr)
+        self.memories.commit()
+        state.step += 1
+        state.extra["tokens"] = state.extra.get("tokens", 0) + tokens
+        self.logger.step(state.step, loss, tokens, lr, result.grad_norm, self.memories.stats())
+        return loss, tokens
+
+    def validate(self, with_memory: bool = True) -> Optional[Perplexity]:
+        data, model = self.config.data, self.config.model
+        if not data.validation:
+            return None
+        stream = DocumentStream(
+            data.validation, model.memory_slots, model.segment_length, self.dp_rank, self.dp_size, loop=False
+        )
+        saved = self.memories.snapshot()  # evaluation streams other documents through the slots
+        try:
+            if with_memory:
+                return evaluate(self.optimizer.model_chunks, self.memories, stream, self.config.training.eval_segments or None)
+            with self.memories.disabled():
+                return evaluate(self.optimizer.model_chunks, self.memories, stream, self.config.training.eval_segments or None)
+        finally:
+            self.memories.load_state_dict(saved)
+
+    def fit(self) -> TrainingResult:
+        training, state = self.config.training, self.state
+        loss = float("nan")
+        try:
+            while state.step < training.steps:
+                loss, _ = self.train_step(next(state.stream))
+                if self.checkpointer and (state.step % self.config.checkpoint.interval == 0 or state.step == training.steps):
+                    self.checkpointer.save(state)
+                if training.eval_interval and state.step % training.eval_interval == 0 and state.step < training.steps:
+                    self._report(self.validate(), "validation", state.step)
+            with_memory = self.validate(with_memory=True)
+            # Decided from the config, not this rank's layers: every rank must take part in evaluation.
+            without_memory = self.validate(with_memory=False) if self.config.model.memory_layers else None
+            self._report(with_memory, "validation", state.step)
+            self._report(without_memory, "validation_without_memory", state.step)
+            return TrainingResult(state.step, loss, with_memory, without_memory, str(self.logger.directory))
+        finally:
+            self.logger.close()
+
+    def _report(self, result: Optional[Perplexity], name: str, step: int) -> None:
+        if result is None:
+            return
+        self.logger.scalars({f"{name}/loss": result.loss, f"{name}/perplexity": result.perplexity}, step)
+        self.logger.message(f"{name}: perplexity {result.perplexity:.3f} over {result.tokens:,.0f} tokens")
+
+    def close(self) -> None:
+        destroy_distributed()
