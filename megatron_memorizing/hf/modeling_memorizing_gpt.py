@@ -1,0 +1,429 @@
+"""Memorizing Transformer (Wu et al., ICLR 2022) for inference with transformers.
+
+A decoder-only GPT whose memory layers attend twice: locally (causal attention over the current
+segment, plus the previous segment with the XL cache), and to the top-k (key, value) pairs
+retrieved from a kNN memory of the same document's earlier segments. A learned per-head gate
+mixes the two: g = sigmoid(b_g), out = memory * g + local * (1 - g).
+
+A document is read in segments of `config.segment_length` tokens, exactly as in training:
+positions restart at 0 in every segment, and only when a segment is complete do its keys and
+values enter the memory (and the XL cache). Tokens of the current segment are kept as an ordinary
+KV cache until then, so `generate()` decodes token by token with the same semantics.
+
+This file is copied next to the weights of every export: it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_memorizing_gpt import MemorizingGPTConfig
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "relu": F.relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# What the model remembers about the documents it reads
+
+
+class _LayerState:
+    """One layer's view of a document: raw (un-rotated) keys/values of the current segment so far,
+    the previous segment (XL cache) and, in memory layers, the kNN memory of normalised keys."""
+
+    def __init__(self):
+        self.segment = None  # (keys, values) [b, groups, t, head_dim]
+        self.previous = None  # (keys, values) of the last complete segment
+        self.memory = None  # (unit keys, values) float32 [b, groups, n, head_dim], oldest first
+
+    def tensors(self):
+        return [t for pair in (self.segment, self.previous, self.memory) if pair is not None for t in pair]
+
+
+class MemorizingGPTMemory:
+    """The documents being read, one per batch row: pass it as `past_key_values` to continue them.
+
+    `memory_size` (pairs per layer, head group and row) may exceed the size used in training.
+    """
+
+    # Generation utilities probe caches for these; the memory can neither be compiled nor rolled back.
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, config: MemorizingGPTConfig, memory_size: int | None = None):
+        self.segment_length = config.segment_length
+        self.memory_size = memory_size or config.memory_size
+        if config.memory_layers and self.memory_size < config.knn_top_k:
+            raise ValueError(f"memory_size={self.memory_size} is smaller than knn_top_k={config.knn_top_k}")
+        self.num_layers = config.num_hidden_layers
+        self.keep_previous = config.xl_cache
+        self.reset()
+
+    def reset(self):
+        """Forget everything: the next tokens start new documents."""
+        self.layers = [_LayerState() for _ in range(self.num_layers)]
+        self.tokens_read = 0
+        self.batch_size = None
+
+    @property
+    def segment_offset(self) -> int:
+        """Position of the next token in its segment."""
+        return self.tokens_read % self.segment_length
+
+    @property
+    def memory_fill(self) -> int:
+        return max((state.memory[0].shape[2] for state in self.layers if state.memory is not None), default=0)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens_read
+
+    def bind(self, batch_size: int):
+        if self.batch_size is None:
+            self.batch_size = batch_size
+        elif batch_size != self.batch_size:
+            raise ValueError(
+                f"this memory reads {self.batch_size} documents but the input has {batch_size} rows: "
+                "call reset() (or use a new memory) to start other documents"
+            )
+
+    def end_segment(self):
+        """The current segment is complete: it becomes the XL cache and enters the memory."""
+        for state in self.layers:
+            keys, values = state.segment
+            if self.keep_previous:
+                state.previous = (keys, values)
+            if state.memory is not None:
+                unit_keys = F.normalize(keys.float(), dim=-1)
+                old_keys, old_values = state.memory
+                # FIFO: the oldest pairs leave once the memory is full.
+                state.memory = (
+                    torch.cat([old_keys, unit_keys], dim=2)[:, :, -self.memory_size :],
+                    torch.cat([old_values, values.float()], dim=2)[:, :, -self.memory_size :],
+                )
+            state.segment = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Beam search: row i continues the document of row beam_idx[i]."""
+        for state in self.layers:
+            for name in ("segment", "previous", "memory"):
+                pair = getattr(state, name)
+                if pair is not None:
+                    setattr(state, name, tuple(t.index_select(0, beam_idx.to(t.device)) for t in pair))
+
+
+# --------------------------------------------------------------------------------------------------
+# Positions and retrieval
+
+
+def _rotate(x: torch.Tensor, start: int, config: MemorizingGPTConfig) -> torch.Tensor:
+    """RoPE for positions start, start+1, ... of x [b, heads, t, head_dim] (rotate-half layout,
+    on the first rotary_percent of the channels)."""
+    if config.position_embedding_type != "rope":
+        return x
+    dim = int(config.head_dim * config.rotary_percent) if config.rotary_percent < 1.0 else config.head_dim
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    positions = torch.arange(x.shape[2], dtype=torch.float32, device=x.device) + start
+    angles = torch.outer(positions, inv_freq).repeat(1, 2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    rotary, rest = x[..., :dim], x[..., dim:]
+    first, second = rotary.chunk(2, dim=-1)
+    rotated = rotary * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def top_k_inner_product(queries, keys, k: int, backend: str = "torch", chunk_size: int = 8192):
+    """Exact top-k of queries [b, g, q, d] against keys [b, g, n, d]: (scores, indices) [b, g, q, k].
+
+    The torch search scores `chunk_size` keys at a time, so a memory far larger than in training
+    never materialises a full [q, n] score matrix.
+    """
+    if backend == "faiss" and not queries.is_cuda:
+        return _faiss_top_k(queries, keys, k)
+    chunk_size = max(chunk_size, k)
+    best = None
+    for start in range(0, keys.shape[2], chunk_size):
+        scores = queries @ keys[:, :, start : start + chunk_size].transpose(-1, -2)
+        scores, indices = scores.topk(min(k, scores.shape[-1]), dim=-1)
+        indices = indices + start
+        if best is not None:
+            scores, indices = torch.cat([best[0], scores], -1), torch.cat([best[1], indices], -1)
+            scores, pick = scores.topk(k, dim=-1)
+            indices = indices.gather(-1, pick)
+        best = scores, indices
+    return best
+
+
+def _faiss_top_k(queries, keys, k):
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("memory_backend='faiss' needs faiss: `pip install faiss-cpu`, or use 'torch'") from error
+    b, g, q, _ = queries.shape
+    scores = torch.empty(b, g, q, k)
+    indices = torch.empty(b, g, q, k, dtype=torch.int64)
+    for i in range(b):
+        for j in range(g):
+            found_scores, found = faiss.knn(
+                queries[i, j].contiguous().numpy(), keys[i, j].contiguous().numpy(), k, metric=faiss.METRIC_INNER_PRODUCT
+            )
+            scores[i, j], indices[i, j] = torch.from_numpy(found_scores), torch.from_numpy(found)
+    return scores, indices
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformer
+
+
+def _norm(config: MemorizingGPTConfig) -> nn.Module:
+    if config.normalization == "RMSNorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MemorizingGPTConfig, layer_number: int):
+        super().__init__()
+        self.config = config
+        self.heads, self.groups, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.groups * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.groups * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.linear_bias)
+        self.has_memory = layer_number in config.memory_layers
+        if self.has_memory:
+            self.gate_bias = nn.Parameter(torch.full((self.heads,), float(config.gate_init)))
+            # The memory softmax's logit scale, learned per head in log space.
+            self.memory_log_scale = nn.Parameter(torch.full((self.heads,), 0.5 * math.log(self.head_dim)))
+
+    def forward(self, x: torch.Tensor, state: _LayerState, offset: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.groups, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.groups, self.head_dim).transpose(1, 2)
+        if state.segment is not None:
+            k, v = torch.cat([state.segment[0], k], dim=2), torch.cat([state.segment[1], v], dim=2)
+        state.segment = (k, v)
+
+        out = self._local(q, k, v, state, offset)
+        if self.has_memory and state.memory is not None and state.memory[0].shape[2] > 0:
+            from_memory = self._from_memory(q, state.memory)
+            # A document's first segment finds an empty memory and keeps local attention alone.
+            gate = torch.sigmoid(self.gate_bias.float())[None, :, None, None]
+            out = (from_memory * gate + out.float() * (1 - gate)).to(x.dtype)
+        elif self.has_memory and state.memory is None:
+            state.memory = (k.new_zeros(b, self.groups, 0, self.head_dim, dtype=torch.float32),) * 2
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _local(self, q, k, v, state, offset):
+        """Causal attention over this segment so far, preceded by the previous segment (XL cache)."""
+        q = _rotate(q, offset, self.config)
+        k = _rotate(k, 0, self.config)
+        visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(offset)
+        if state.previous is not None:
+            previous_keys, previous_values = state.previous
+            # The previous segment sits at positions -L..-1, just before this one, all visible.
+            k = torch.cat([_rotate(previous_keys, -previous_keys.shape[2], self.config), k], dim=2)
+            v = torch.cat([previous_values, v], dim=2)
+            visible = torch.cat([visible.new_ones(q.shape[2], previous_keys.shape[2]), visible], dim=1)
+        repeat = self.heads // self.groups
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+
+    def _from_memory(self, q, memory):
+        """Attention over the top-k pairs retrieved for each query: unit vectors, no positions."""
+        memory_keys, memory_values = memory
+        b, h, t, d = q.shape
+        k = min(self.config.knn_top_k, memory_keys.shape[2])
+        # The heads of a query group share that group's memory: search them as one longer query list.
+        queries = F.normalize(q.float(), dim=-1).reshape(b, self.groups, h // self.groups * t, d)
+        scores, indices = top_k_inner_product(queries, memory_keys, k, self.config.memory_backend)
+        scale = self.memory_log_scale.float().exp().view(1, self.groups, -1, 1, 1)
+        probs = torch.softmax(scores.view(b, self.groups, -1, t, k) * scale, dim=-1)
+        values = memory_values.gather(2, indices.reshape(b, self.groups, -1, 1).expand(-1, -1, -1, d))
+        values = values.view(b, self.groups, -1, t, k, d)
+        return torch.einsum("bgrqk,bgrqkd->bgrqd", probs, values).reshape(b, h, t, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MemorizingGPTConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.linear_bias)
+        # Gated linear unit: activation(gate_proj(x)) * up_proj(x).
+        self.gate_proj = (
+            nn.Linear(config.hidden_size, config.intermediate_size, bias=config.linear_bias)
+            if config.gated_linear_unit
+            else None
+        )
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.linear_bias)
+        self.activation = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x):
+        if self.gate_proj is None:
+            return self.down_proj(self.activation(self.up_proj(x)))
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MemorizingGPTConfig, layer_number: int):
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attn = Attention(config, layer_number)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, state, offset):
+        x = x + self.self_attn(self.input_layernorm(x), state, offset)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MemorizingGPTPreTrainedModel(PreTrainedModel):
+    config_class = MemorizingGPTConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    # The memory cannot be rolled back, so assisted decoding cannot verify candidate tokens.
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, Attention) and module.has_memory:
+            module.gate_bias.fill_(self.config.gate_init)
+            module.memory_log_scale.fill_(0.5 * math.log(module.head_dim))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not create its own cache: the model hands back a MemorizingGPTMemory.
+        return False
+
+
+class MemorizingGPTModel(MemorizingGPTPreTrainedModel):
+    def __init__(self, config: MemorizingGPTConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (
+            nn.Embedding(config.segment_length, config.hidden_size)
+            if config.position_embedding_type == "learned_absolute"
+            else None
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config, n + 1) for n in range(config.num_hidden_layers))
+        self.norm = _norm(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids: torch.LongTensor, past_key_values: MemorizingGPTMemory, **kwargs) -> BaseModelOutputWithPast:
+        """Read input_ids [b, t] on from where `past_key_values` stopped, segment by segment."""
+        memory = past_key_values
+        memory.bind(input_ids.shape[0])
+        hidden = []
+        for piece in self._up_to_segment_ends(input_ids, memory):
+            offset = memory.segment_offset
+            x = self.embed_tokens(piece)
+            if self.embed_positions is not None:
+                x = x + self.embed_positions(torch.arange(offset, offset + piece.shape[1], device=piece.device))
+            for layer, state in zip(self.layers, memory.layers):
+                x = layer(x, state, offset)
+            hidden.append(self.norm(x))
+            memory.tokens_read += piece.shape[1]
+            if memory.segment_offset == 0:
+                memory.end_segment()
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat(hidden, dim=1), past_key_values=memory)
+
+    @staticmethod
+    def _up_to_segment_ends(input_ids, memory):
+        start, length = 0, input_ids.shape[1]
+        room = memory.segment_length - memory.segment_offset
+        while start < length:
+            yield input_ids[:, start : start + room]
+            start += room
+            room = memory.segment_length
+
+
+class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
+    def __init__(self, config: MemorizingGPTConfig):
+        super().__init__(config)
+        self.model = MemorizingGPTModel(config)
+        # Tied models reuse the input embedding as the output layer (no separate parameter).
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.kept_memory = None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    # --- memory across calls -------------------------------------------------------------------------
+    def new_memory(self, memory_size: int | None = None) -> MemorizingGPTMemory:
+        """An empty memory to pass as `past_key_values`; `memory_size` defaults to config.memory_size."""
+        return MemorizingGPTMemory(self.config, memory_size)
+
+    def keep_memory(self, keep: bool = True, memory_size: int | None = None):
+        """keep=True: every later call (forward or generate) continues the same documents, e.g. read
+        a book in several calls, then generate. keep=False: each call starts new documents."""
+        self.kept_memory = self.new_memory(memory_size) if keep else None
+
+    def reset_memory(self):
+        """Start new documents in the kept memory."""
+        if self.kept_memory is not None:
+            self.kept_memory.reset()
+
+    # -------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: MemorizingGPTMemory | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Continue the documents in `past_key_values` (else the kept memory, else new documents).
+
+        use_cache=False reads input_ids as new documents in a throwaway memory.
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(
+                "padding is not supported: each row is one document streamed through its own memory, "
+                "so batch documents of equal length (or generate one at a time)"
+            )
+        if use_cache is False:
+            memory = self.new_memory()
+        else:
+            memory = past_key_values if past_key_values is not None else self.kept_memory or self.new_memory()
+        hidden = self.model(input_ids, memory).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None if use_cache is False else memory)

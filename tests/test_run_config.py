@@ -1,0 +1,64 @@
+"""The run config file: documented sections, command-line overrides, refusals before any process starts."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_memorizing.config import ConfigError
+from megatron_memorizing.train import main as train_main
+from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.training.schedules import learning_rate, memory_size
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load_and_round_trip(name, tmp_path):
+    config = RunConfig.load(CONFIGS / name)
+    config.save(tmp_path / "saved.yaml")
+    assert RunConfig.load(tmp_path / "saved.yaml") == config
+
+
+def test_overrides_parse_yaml_values_including_exponent_floats():
+    config = RunConfig.load(
+        CONFIGS / "tiny-cpu.yaml",
+        ["optimizer.lr=3e-4", "model.memory_layers=[2, 3]", "training.memory_curriculum=[[0, 64], [10, 128]]"],
+    )
+    assert config.optimizer.lr == 3e-4
+    assert config.model.memory_layers == (2, 3)
+    assert memory_size(5, config.training.memory_curriculum, 2048) == 64
+    assert memory_size(10, config.training.memory_curriculum, 2048) == 128
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optimizer.zero_stage=2", "model.pipeline_model_parallel_size=2"], "Use zero_stage=1 with pipeline parallelism"),
+        (["optimizer.zero_stage=3", "model.tensor_model_parallel_size=2"], "use zero_stage 1 or 2 with tensor parallelism"),
+        (["optimizer.backend=adamw"], "use 'deepspeed' or 'megatron'"),
+        (["training.memory_curriculum=[[0, 8192], [100, 1536]]"], "must both increase"),
+        (["training.memory_curriculum=[[0, 16]]"], "below model.knn_top_k=32"),
+        (["optimizer.min_lr=1.0"], "min_lr <= lr"),
+        (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
+        (["optimiser.lr=1e-3"], r"unknown config section\(s\) \['optimiser'\]"),
+        (["training.stepz=10"], r"unknown field\(s\) \['stepz'\] in training"),
+        (["lr=1e-3"], "must look like section.field=value"),
+    ],
+)
+def test_bad_run_config_is_refused_with_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.load(CONFIGS / "tiny-cpu.yaml", overrides)
+
+
+def test_train_cli_reports_a_bad_config_without_starting(capsys):
+    assert train_main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--set", "model.knn_top_k=4096"]) == 2
+    assert "knn_top_k=4096 must be between 1 and memory_size=2048" in capsys.readouterr().err
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    config = RunConfig.load(CONFIGS / "tiny-cpu.yaml").optimizer
+    rates = [learning_rate(step, config, 300) for step in range(300)]
+    assert rates[config.warmup_steps - 1] == pytest.approx(config.lr)
+    assert rates[0] < rates[10] < rates[config.warmup_steps - 1]
+    assert all(a >= b for a, b in zip(rates[config.warmup_steps :], rates[config.warmup_steps + 1 :]))
+    assert rates[-1] == pytest.approx(config.min_lr, rel=1e-3)
