@@ -50,6 +50,7 @@ def main():
                 out = tmp / f"w{workers}r{r}"
                 runs[workers].append(preprocess(tmp / "corpus" / "train.jsonl", tokenizer.path, out, workers=workers).throughput)
     load_after = os.getloadavg()
+    shared = max(load_before[0], load_after[0]) > 0.5
 
     train = stats["splits"]["train"]["chars"]
     lines = [
@@ -57,7 +58,8 @@ def main():
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}, sentencepiece {sentencepiece.__version__}. Load average (1 min) "
-        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after: other work shared the cores.",
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
+        + (": other processes shared the cores, so the best run is the fairer figure." if shared else "."),
         "",
         f"Corpus: train split, {train['count']} documents, {train['total'] / 1e6:.1f} M characters; "
         f"tokenizer: SentencePiece BPE, vocab 8000. Built in {corpus_s:.1f} s (corpus) + {tokenizer_s:.1f} s "

@@ -80,8 +80,6 @@ def _tokenize_block(job):
 
 @dataclass
 class _Totals:
-    documents: int = 0
-    tokens: int = 0
     max_token_id: int = -1
     text_bytes: int = 0
     empty: int = 0
@@ -157,11 +155,11 @@ def preprocess(
         tmp_bin.unlink(missing_ok=True)
         tmp_idx.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    totals.documents, totals.tokens = len(lengths), int(sum(lengths))
+    total_tokens = int(sum(lengths))
     manifest = DatasetManifest(
         split=split or out_prefix.name,
-        documents=totals.documents,
-        tokens=totals.tokens,
+        documents=len(lengths),
+        tokens=total_tokens,
         max_token_id=totals.max_token_id,
         dtype=np.dtype(dtype).name,
         vocab_size=tokenizer.vocab_size,
@@ -177,7 +175,7 @@ def preprocess(
             seconds=round(seconds, 3),
             text_mb=round(totals.text_bytes / 1e6, 3),
             mb_per_s=round(totals.text_bytes / 1e6 / seconds, 3),
-            tokens_per_s=round(totals.tokens / seconds),
+            tokens_per_s=round(total_tokens / seconds),
         ),
     )
     write_manifest(out_prefix, manifest)

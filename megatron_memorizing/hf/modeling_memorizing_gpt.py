@@ -29,7 +29,6 @@ _ACTIVATIONS = {
     "gelu": F.gelu,
     "silu": F.silu,
     "relu": F.relu,
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 
 
@@ -45,9 +44,6 @@ class _LayerState:
         self.segment = None  # (keys, values) [b, groups, t, head_dim]
         self.previous = None  # (keys, values) of the last complete segment
         self.memory = None  # (unit keys, values) float32 [b, groups, n, head_dim], oldest first
-
-    def tensors(self):
-        return [t for pair in (self.segment, self.previous, self.memory) if pair is not None for t in pair]
 
 
 class MemorizingGPTMemory:
@@ -66,6 +62,7 @@ class MemorizingGPTMemory:
         if config.memory_layers and self.memory_size < config.knn_top_k:
             raise ValueError(f"memory_size={self.memory_size} is smaller than knn_top_k={config.knn_top_k}")
         self.num_layers = config.num_hidden_layers
+        self.memory_layers = set(config.memory_layers)
         self.keep_previous = config.xl_cache
         self.reset()
 
@@ -98,18 +95,16 @@ class MemorizingGPTMemory:
 
     def end_segment(self):
         """The current segment is complete: it becomes the XL cache and enters the memory."""
-        for state in self.layers:
+        for number, state in enumerate(self.layers, start=1):
             keys, values = state.segment
             if self.keep_previous:
                 state.previous = (keys, values)
-            if state.memory is not None:
-                unit_keys = F.normalize(keys.float(), dim=-1)
-                old_keys, old_values = state.memory
+            if number in self.memory_layers:
+                pairs = (F.normalize(keys.float(), dim=-1), values.float())
+                if state.memory is not None:
+                    pairs = tuple(torch.cat([old, new], dim=2) for old, new in zip(state.memory, pairs))
                 # FIFO: the oldest pairs leave once the memory is full.
-                state.memory = (
-                    torch.cat([old_keys, unit_keys], dim=2)[:, :, -self.memory_size :],
-                    torch.cat([old_values, values.float()], dim=2)[:, :, -self.memory_size :],
-                )
+                state.memory = tuple(t[:, :, -self.memory_size :] for t in pairs)
             state.segment = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
@@ -212,16 +207,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.groups, self.head_dim).transpose(1, 2)
         if state.segment is not None:
             k, v = torch.cat([state.segment[0], k], dim=2), torch.cat([state.segment[1], v], dim=2)
-        state.segment = (k, v)
+        # The memory is not differentiable; gradients stay within one call.
+        state.segment = (k.detach(), v.detach())
 
         out = self._local(q, k, v, state, offset)
-        if self.has_memory and state.memory is not None and state.memory[0].shape[2] > 0:
+        # A document's first segment finds no memory and keeps local attention alone.
+        if self.has_memory and state.memory is not None:
             from_memory = self._from_memory(q, state.memory)
-            # A document's first segment finds an empty memory and keeps local attention alone.
             gate = torch.sigmoid(self.gate_bias.float())[None, :, None, None]
             out = (from_memory * gate + out.float() * (1 - gate)).to(x.dtype)
-        elif self.has_memory and state.memory is None:
-            state.memory = (k.new_zeros(b, self.groups, 0, self.head_dim, dtype=torch.float32),) * 2
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _local(self, q, k, v, state, offset):
@@ -412,10 +406,9 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
                 "padding is not supported: each row is one document streamed through its own memory, "
                 "so batch documents of equal length (or generate one at a time)"
             )
-        if use_cache is False:
+        memory = past_key_values if past_key_values is not None else self.kept_memory
+        if use_cache is False or memory is None:
             memory = self.new_memory()
-        else:
-            memory = past_key_values if past_key_values is not None else self.kept_memory or self.new_memory()
         hidden = self.model(input_ids, memory).last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -426,4 +419,5 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None if use_cache is False else memory)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None if use_cache is False else memory)
+        return output if return_dict is not False else output.to_tuple()

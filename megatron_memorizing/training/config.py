@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from megatron_memorizing.config import ConfigError, MemorizingConfig, checked_fields
@@ -33,7 +34,7 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     backend: str = "deepspeed"  # "deepspeed" (ZeRO) or "megatron" (Megatron-Core's optimizer, DDP)
-    zero_stage: int = 1  # DeepSpeed ZeRO stage: 0, 1, 2 (or 3 without pipeline parallelism)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage: 1 (optimizer states) or 2 (+ gradients; not with PP)
     lr: float = 1e-3  # peak learning rate, reached after warmup
     min_lr: float = 1e-4  # floor of the cosine decay
     warmup_steps: int = 100
@@ -89,20 +90,14 @@ class RunConfig:
         opt, model, training = self.optimizer, self.model, self.training
         if opt.backend not in ("deepspeed", "megatron"):
             raise ConfigError(f"optimizer.backend={opt.backend!r}: use 'deepspeed' or 'megatron'.")
-        if opt.backend == "deepspeed" and opt.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"optimizer.zero_stage={opt.zero_stage}: DeepSpeed ZeRO stages are 0-3.")
-        if opt.backend == "deepspeed" and opt.zero_stage >= 2 and model.pipeline_model_parallel_size > 1:
+        if opt.backend == "megatron" and model.bf16 and not torch.cuda.is_available():
             raise ConfigError(
-                f"optimizer.zero_stage={opt.zero_stage} with pipeline_model_parallel_size="
-                f"{model.pipeline_model_parallel_size}: ZeRO-2/3 partition gradients during backward, "
-                f"which pipeline schedules interleave across micro-batches (Megatron-DeepSpeed refuses "
-                f"this too). Use zero_stage=1 with pipeline parallelism."
+                "model.bf16 with optimizer.backend=megatron needs CUDA: Megatron-Core's mixed-precision "
+                "optimizer accepts only CUDA tensors. On CPU use optimizer.backend=deepspeed for bf16, "
+                "or model.bf16=false."
             )
-        if opt.backend == "deepspeed" and opt.zero_stage == 3 and model.tensor_model_parallel_size > 1:
-            raise ConfigError(
-                "optimizer.zero_stage=3 partitions parameters, which Megatron-Core's tensor-parallel "
-                "layers already split: use zero_stage 1 or 2 with tensor parallelism."
-            )
+        if opt.backend == "deepspeed":
+            self._validate_deepspeed()
         if training.steps < 1:
             raise ConfigError(f"training.steps={training.steps} must be at least 1.")
         if opt.warmup_steps < 0 or opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
@@ -120,6 +115,42 @@ class RunConfig:
             )
         if self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be at least 1.")
+
+    def _validate_deepspeed(self) -> None:
+        opt, model = self.optimizer, self.model
+        if model.virtual_pipeline_model_parallel_size is not None:
+            raise ConfigError(
+                f"model.virtual_pipeline_model_parallel_size={model.virtual_pipeline_model_parallel_size} "
+                f"with optimizer.backend=deepspeed: a DeepSpeed engine wraps one module, and a rank holds "
+                f"one model chunk per virtual stage. Use optimizer.backend=megatron with virtual pipeline "
+                f"stages, or drop virtual_pipeline_model_parallel_size."
+            )
+        if opt.zero_stage == 0:
+            raise ConfigError(
+                "optimizer.zero_stage=0 with optimizer.backend=deepspeed: without ZeRO, DeepSpeed's fp32 "
+                "gradient clipping counts replicated parameters (norms, biases) of the first pipeline "
+                "stage only, and it reports no gradient norm. Use optimizer.backend=megatron for "
+                "unpartitioned data parallelism, or zero_stage 1 or 2."
+            )
+        if opt.zero_stage == 3:
+            # Training itself works (Megatron's modules gather their parameters through ZeRO-3's
+            # hooks and give ZeRO-1's losses at TP=PP=1); checkpointing the weights does not.
+            raise ConfigError(
+                "optimizer.zero_stage=3 is not supported: ZeRO-3 leaves every parameter an empty "
+                "placeholder outside forward/backward, and the trainer checkpoints module weights with "
+                "Megatron's dist_checkpointing, whose model.sharded_state_dict() then fails (IndexError "
+                "in ShardedTensor.from_rank_offsets). Use zero_stage 1 or 2 (ZeRO-2 also partitions "
+                "gradients)."
+            )
+        if opt.zero_stage not in (1, 2):
+            raise ConfigError(f"optimizer.zero_stage={opt.zero_stage}: DeepSpeed ZeRO stages are 0-3; use 1 or 2.")
+        if opt.zero_stage == 2 and model.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                f"optimizer.zero_stage=2 with pipeline_model_parallel_size="
+                f"{model.pipeline_model_parallel_size}: ZeRO-2 partitions gradients during backward, "
+                f"which pipeline schedules interleave across micro-batches (Megatron-DeepSpeed refuses "
+                f"this too). Use zero_stage=1 with pipeline parallelism."
+            )
 
     # ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -23,7 +23,9 @@ class TrainingLogger:
         self.is_writer = dist.get_rank() == 0
         self.writer = SummaryWriter(config.dir) if self.is_writer else None
         self.progress = tqdm(
-            total=total_steps, initial=start_step, desc="train", unit="step", disable=not self.is_writer, dynamic_ncols=True
+            # disable=None: a bar on a terminal, none in a log file (the console lines remain).
+            total=total_steps, initial=start_step, desc="train", unit="step", disable=None if self.is_writer else True,
+            dynamic_ncols=True,
         )
         self._last_time, self._tokens_since = time.perf_counter(), 0.0
 

@@ -75,53 +75,21 @@ class OptimizerBackend(Protocol):
 
 
 def build_optimizer(run_config: RunConfig, model_chunks: list[GPTModel]) -> OptimizerBackend:
-    """The backend `run_config.optimizer.backend` names, over this rank's model chunks."""
-    check_supported(run_config)
+    """The backend `run_config.optimizer.backend` names, over this rank's model chunks.
+
+    RunConfig.validate() has already refused the combinations these backends cannot run.
+    """
     if run_config.optimizer.backend == "deepspeed":
         return DeepSpeedBackend(run_config, model_chunks)
     return MegatronBackend(run_config, model_chunks)
 
 
-def check_supported(run_config: RunConfig) -> None:
-    """Refuses what RunConfig allows but these backends cannot run; needs no process group."""
-    opt, model = run_config.optimizer, run_config.model
-    if opt.backend != "deepspeed":
-        return
-    if model.virtual_pipeline_model_parallel_size is not None:
-        raise ConfigError(
-            f"model.virtual_pipeline_model_parallel_size={model.virtual_pipeline_model_parallel_size} "
-            f"with optimizer.backend=deepspeed: a DeepSpeed engine wraps one module, and a rank holds "
-            f"one model chunk per virtual stage. Use optimizer.backend=megatron with virtual pipeline "
-            f"stages, or drop virtual_pipeline_model_parallel_size."
-        )
-    if opt.zero_stage == 0:
-        raise ConfigError(
-            "optimizer.zero_stage=0 with optimizer.backend=deepspeed: without ZeRO, DeepSpeed is plain "
-            "data parallelism, and its gradient-norm clipping then ignores pipeline stages other than "
-            "the first. Use optimizer.backend=megatron for unpartitioned data parallelism, or "
-            "zero_stage 1 or 2."
-        )
-    if opt.zero_stage == 3:
-        raise ConfigError(
-            "optimizer.zero_stage=3 is not supported: ZeRO-3 replaces every parameter by an empty "
-            "placeholder between uses, and the trainer saves module weights with Megatron's "
-            "dist_checkpointing, which reads the parameters themselves (it would save empty "
-            "tensors). Use zero_stage 1 or 2 (ZeRO-2 also partitions gradients)."
-        )
-    if opt.zero_stage >= 2 and model.pipeline_model_parallel_size > 1:
-        raise ConfigError(  # RunConfig refuses this too; kept for configs built without validation
-            f"optimizer.zero_stage={opt.zero_stage} with pipeline_model_parallel_size="
-            f"{model.pipeline_model_parallel_size}: use zero_stage=1 with pipeline parallelism."
-        )
-
-
-def _adamw_param_groups(chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+def _adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     # Megatron-LM's rule, which get_megatron_optimizer applies itself: no decay on 1-d or bias.
     decay, no_decay = [], []
-    for chunk in chunks:
-        for name, param in chunk.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -133,20 +101,15 @@ class DeepSpeedBackend:
     def __init__(self, run_config: RunConfig, model_chunks: list[GPTModel]):
         import deepspeed
 
-        if len(model_chunks) != 1:
-            raise ConfigError(
-                f"the DeepSpeed backend wraps one model chunk per rank, got {len(model_chunks)} "
-                f"(virtual pipeline stages): use optimizer.backend=megatron."
-            )
-        (module,) = model_chunks
-        opt, model = run_config.optimizer, run_config.model
+        (module,) = model_chunks  # RunConfig refuses virtual stages with DeepSpeed
+        opt = run_config.optimizer
         if not torch.cuda.is_available():
             patches.skip_deepspeed_shm_comm_build()
         _mark_tied_embedding_copy(module)
         self.engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=torch.optim.AdamW(
-                _adamw_param_groups([module], opt.weight_decay),
+                _adamw_param_groups(module, opt.weight_decay),
                 lr=opt.lr,
                 betas=(opt.adam_beta1, opt.adam_beta2),
                 eps=opt.adam_eps,
@@ -280,6 +243,10 @@ class MegatronBackend:
             ),
             self.model_chunks,
         )
+        # Megatron-LM's LR scheduler applies `wd_mult` (0 for biases and 1-d parameters) at every
+        # step; without it every group would keep the full weight decay it was built with.
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = opt.weight_decay * group.get("wd_mult", 1.0)
 
     def zero_grad(self) -> None:
         for chunk in self.model_chunks:

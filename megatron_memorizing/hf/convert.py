@@ -1,0 +1,314 @@
+"""Export a training checkpoint as a Hugging Face model directory (`trust_remote_code=True`).
+
+    python -m megatron_memorizing.hf.convert --checkpoint RUN_OR_ITER_DIR --output OUT [--memory-size N]
+
+The checkpoint may have been saved under any tensor/pipeline layout: its weights are loaded,
+resharded by dist_checkpointing, into a single-process (TP=1, PP=1) Megatron model built from the
+checkpoint's own config, then renamed and split into the layout of `modeling_memorizing_gpt.py`.
+The output holds config.json, (sharded) safetensors, the SentencePiece tokenizer and the modeling
+code, so loading it needs transformers, torch and sentencepiece only. It is written to OUT.tmp
+and renamed to OUT at the end: a failed export leaves no OUT behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from megatron_memorizing.config import ConfigError, MemorizingConfig
+from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
+from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
+from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ACTIVATIONS = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu"}
+# TransformerConfig features the exported model does not implement, with the value it assumes.
+_ASSUMED = {
+    "qk_layernorm": False,
+    "layernorm_zero_centered_gamma": False,
+    "apply_residual_connection_post_layernorm": False,
+    "rotary_interleaved": False,
+    "multi_latent_attention": False,
+    "num_moe_experts": None,
+    "softmax_scale": None,
+    "attention_output_gate": False,
+}
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported; the message says what is wrong and what to do."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    iteration_dir: Path
+    config: MemorizingConfig
+    tokenizer: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the checkpoint
+
+
+def iteration_dir(path: Path) -> Path:
+    """The iter_* directory of `path`: a run directory (through its tracker file) or an iter_* itself."""
+    if not path.is_dir():
+        raise ExportError(f"{path} is not a directory: pass a run directory or one of its iter_* directories.")
+    tracker = path / TRACKER
+    if not tracker.exists():
+        return path
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ExportError(f"{tracker} should hold an iteration number, not {text!r}.")
+    found = path / f"iter_{int(text):07d}"
+    if not found.is_dir():
+        raise ExportError(
+            f"{tracker} names iteration {int(text)} but {found.name}/ is missing: the checkpoint is "
+            f"incomplete; pass an existing iter_* directory instead."
+        )
+    return found
+
+
+def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Checkpoint:
+    """Check that everything an export needs is there, before anything is loaded or written."""
+    directory = iteration_dir(Path(path))
+    config_path = directory / "config.yaml"
+    if not config_path.exists():
+        raise ExportError(
+            f"{directory} has no config.yaml: it is not a megatron-memorizing checkpoint (or is incomplete). "
+            f"Expected <run>/{TRACKER} or <run>/iter_NNNNNNN/ with config.yaml, model/ and tokenizer.model."
+        )
+    run = yaml.safe_load(config_path.read_text())
+    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+        raise ExportError(f"{config_path} has no `model:` section: it was not written by megatron-memorizing.")
+    try:
+        config = MemorizingConfig.from_dict(run["model"])
+    except (ConfigError, TypeError) as error:
+        raise ExportError(f"{config_path} does not describe a memorizing GPT: {error}") from None
+    if not (directory / "model" / "metadata.json").exists():
+        raise ExportError(
+            f"{directory / 'model'} is not a complete dist_checkpointing checkpoint (no metadata.json): "
+            f"the save was interrupted, or this is another kind of checkpoint."
+        )
+    tokenizer = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.model"
+    if not tokenizer.is_file():
+        raise ExportError(
+            f"no tokenizer at {tokenizer}: the checkpoint was saved without one. "
+            f"Pass the SentencePiece model the data was tokenized with: --tokenizer PATH."
+        )
+    return Checkpoint(directory, config, tokenizer)
+
+
+def load_megatron_state(checkpoint: Checkpoint) -> tuple[dict, object]:
+    """The checkpoint's weights as one unsharded Megatron state dict, and the TransformerConfig."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_memorizing.model import build_model_chunk
+    from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
+
+    # One process holds the whole model; the memory buffers it allocates are not exported, so
+    # they are kept as small as the config allows.
+    single = dataclasses.replace(
+        checkpoint.config,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        sequence_parallel=False,
+        micro_batch_size=1,
+        num_micro_batches=1,
+        recompute="none",
+        memory_size=checkpoint.config.knn_top_k,
+    )
+    started = not parallel_state.model_parallel_is_initialized()
+    if started:
+        initialize_distributed()
+    elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise ExportError("export runs in one process: call it outside of a tensor/pipeline-parallel job.")
+    try:
+        model = build_model_chunk(single, use_transformer_engine=False)
+        wanted = model.sharded_state_dict()
+        _check_tensors_match(dist_checkpointing.load_tensors_metadata(str(checkpoint.iteration_dir / "model")), wanted)
+        model.load_state_dict(dist_checkpointing.load(wanted, str(checkpoint.iteration_dir / "model")))
+        state = {name: t.detach().cpu() for name, t in model.state_dict().items() if not name.endswith("_extra_state")}
+        return state, model.config
+    finally:
+        if started:
+            destroy_distributed()
+
+
+def _check_tensors_match(saved: dict, wanted: dict) -> None:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    expected = {t.key: tuple(t.global_shape) for t in wanted.values() if isinstance(t, ShardedTensor)}
+    missing = sorted(set(expected) - set(saved))
+    wrong = [f"{k}: saved {tuple(saved[k].global_shape)}, config implies {shape}"
+             for k, shape in expected.items() if k in saved and tuple(saved[k].global_shape) != shape]
+    if missing or wrong:
+        raise ExportError(
+            "the weights do not fit the checkpoint's config.yaml (saved by another model, or incomplete): "
+            + "; ".join(([f"{len(missing)} missing, e.g. {missing[:3]}"] if missing else []) + wrong[:3])
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Megatron -> Hugging Face
+
+
+def hf_config(config: MemorizingConfig, transformer, tokenizer: MemorizingGPTTokenizer, memory_size=None):
+    unsupported = {name: getattr(transformer, name) for name, assumed in _ASSUMED.items()
+                   if getattr(transformer, name, assumed) != assumed}
+    if transformer.activation_func not in _ACTIVATIONS:
+        unsupported["activation_func"] = transformer.activation_func
+    if unsupported:
+        raise ExportError(f"the exported model does not implement {unsupported}; train without these settings.")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ExportError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size} "
+            f"embeddings: this tokenizer is not the one the model was trained with."
+        )
+    return MemorizingGPTConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=transformer.num_query_groups,
+        head_dim=transformer.kv_channels,
+        intermediate_size=transformer.ffn_hidden_size,
+        hidden_act=_ACTIVATIONS[transformer.activation_func],
+        gated_linear_unit=transformer.gated_linear_unit,
+        normalization=transformer.normalization,
+        layernorm_epsilon=transformer.layernorm_epsilon,
+        attention_bias=transformer.add_bias_linear or transformer.add_qkv_bias,
+        linear_bias=transformer.add_bias_linear,
+        position_embedding_type=config.position_embedding_type,
+        rotary_base=config.rotary_base,
+        rotary_percent=config.rotary_percent,
+        segment_length=config.segment_length,
+        memory_layers=list(config.memory_layers),
+        memory_size=memory_size or config.memory_size,
+        knn_top_k=config.knn_top_k,
+        # Exact search either way; torch needs no extra package where the model is loaded.
+        memory_backend="torch",
+        xl_cache=config.xl_cache,
+        gate_init=config.gate_init,
+        initializer_range=config.init_method_std,
+        tie_word_embeddings=config.share_embeddings_and_output_weights,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        torch_dtype="bfloat16" if config.bf16 else "float32",
+    )
+
+
+def hf_state_dict(megatron: dict, config: MemorizingGPTConfig) -> dict:
+    """Megatron-Core GPTModel (local spec, TP=1) names and layouts -> modeling_memorizing_gpt's."""
+    megatron = dict(megatron)
+    out = {}
+
+    def move(source, target):
+        if source in megatron:
+            out[target] = megatron.pop(source)
+
+    move("embedding.word_embeddings.weight", "model.embed_tokens.weight")
+    move("embedding.position_embeddings.weight", "model.embed_positions.weight")
+    move("decoder.final_layernorm.weight", "model.norm.weight")
+    move("decoder.final_layernorm.bias", "model.norm.bias")
+    move("output_layer.weight", "lm_head.weight")
+    heads, groups, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    for i in range(config.num_hidden_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            move(f"{src}input_layernorm.{kind}", f"{dst}input_layernorm.{kind}")
+            move(f"{src}pre_mlp_layernorm.{kind}", f"{dst}post_attention_layernorm.{kind}")
+            move(f"{src}self_attention.linear_proj.{kind}", f"{dst}self_attn.o_proj.{kind}")
+            move(f"{src}mlp.linear_fc2.{kind}", f"{dst}mlp.down_proj.{kind}")
+            qkv = megatron.pop(f"{src}self_attention.linear_qkv.{kind}", None)
+            if qkv is not None:
+                # Fused rows are interleaved per query group: [q of its heads, k, v] for each group.
+                per_group = qkv.view(groups, heads // groups + 2, d, *qkv.shape[1:])
+                out[f"{dst}self_attn.q_proj.{kind}"] = per_group[:, :-2].reshape(heads * d, *qkv.shape[1:])
+                out[f"{dst}self_attn.k_proj.{kind}"] = per_group[:, -2].reshape(groups * d, *qkv.shape[1:])
+                out[f"{dst}self_attn.v_proj.{kind}"] = per_group[:, -1].reshape(groups * d, *qkv.shape[1:])
+            fc1 = megatron.pop(f"{src}mlp.linear_fc1.{kind}", None)
+            if fc1 is not None and config.gated_linear_unit:
+                # Megatron's GLU is activation(first half) * second half.
+                out[f"{dst}mlp.gate_proj.{kind}"], out[f"{dst}mlp.up_proj.{kind}"] = fc1.chunk(2, dim=0)
+            elif fc1 is not None:
+                out[f"{dst}mlp.up_proj.{kind}"] = fc1
+        for name in ("gate_bias", "memory_log_scale"):
+            move(f"{src}self_attention.core_attention.{name}", f"{dst}self_attn.{name}")
+    if megatron:
+        raise ExportError(f"the checkpoint has weights the exported model has no place for: {sorted(megatron)[:5]}")
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    memory_size: int | None = None,
+    tokenizer: str | Path | None = None,
+    max_shard_size: str = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write the Hugging Face directory `output` from a training checkpoint; returns its path."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise ExportError(f"{output} already exists: choose another --output or pass --overwrite.")
+    source = read_checkpoint(checkpoint, tokenizer)
+    if memory_size is not None and source.config.memory_layers and memory_size < source.config.knn_top_k:
+        raise ExportError(f"--memory-size {memory_size} is smaller than knn_top_k={source.config.knn_top_k}.")
+    hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
+    megatron, transformer = load_megatron_state(source)
+    config = hf_config(source.config, transformer, hf_tokenizer, memory_size)
+    model = MemorizingGPTForCausalLM(config)
+    model.load_state_dict(hf_state_dict(megatron, config))
+    model.to(torch.bfloat16 if source.config.bf16 else torch.float32)
+
+    staging = output.with_name(output.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    try:
+        # Registration makes save_pretrained copy the code files and write `auto_map`.
+        MemorizingGPTConfig.register_for_auto_class()
+        MemorizingGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        MemorizingGPTTokenizer.register_for_auto_class("AutoTokenizer")
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        hf_tokenizer.save_pretrained(staging)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="run directory (uses its tracker file) or an iter_* directory")
+    parser.add_argument("--output", required=True, help="Hugging Face directory to create")
+    parser.add_argument("--memory-size", type=int, help="kNN memory size at inference (default: as trained)")
+    parser.add_argument("--tokenizer", help="SentencePiece model, if the checkpoint has no tokenizer.model")
+    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.output, args.memory_size, args.tokenizer, args.max_shard_size, args.overwrite)
+    except ExportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Checkpoints: exact resume of a training run, and weights-only loading into any layout.
+
+The layout follows Megatron-LM's conventions, so its users find their way around:
+
+    <dir>/latest_checkpointed_iteration.txt   the newest complete checkpoint's step; written last
+    <dir>/iter_0000100/
+        checkpoint.json          format, step and the parallel layout that saved it
+        config.yaml              the RunConfig
+        model/                   megatron.core.dist_checkpointing: reshardable to any TP/PP layout
+        optimizer/               the optimizer backend's own files
+        rank_state/rank_00000.pt per global rank: step, extra, RNG states, memory contents, stream position
+        tokenizer.model          the dataset's tokenizer, when its manifest names one (HF export needs it)
+
+Memory contents, optimizer state and stream positions belong to one rank each, so a checkpoint
+resumes only on the layout that saved it; `load_weights` takes the model weights alone into any
+layout (and into a model with memory layers that the checkpoint's model lacked).
+
+A save is atomic: every rank writes into `iter_0000100.tmp/`, then rank 0 renames it and only
+then rewrites the tracker file. A run killed at any point leaves the previous checkpoint as the
+latest one; leftover `*.tmp` entries are ignored and removed by the next save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+from megatron_memorizing.data import DataError, DocumentStream, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+
+FORMAT = "megatron-memorizing-checkpoint/1"
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITERATION = re.compile(r"iter_(\d{7,})")
+_TMP = ".tmp"
+# Parameters of the memory itself: the only ones a model may have that its checkpoint lacks.
+MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
+# Model fields that shape the parameters, the memory contents or the per-slot state; a resumed
+# run must agree on all of them.
+_RESUME_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "kv_channels", "num_query_groups",
+    "ffn_hidden_size", "vocab_size", "position_embedding_type", "normalization",
+    "share_embeddings_and_output_weights", "memory_layers", "memory_dtype", "xl_cache",
+    "segment_length", "micro_batch_size", "num_micro_batches",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or loaded as asked; the message names the cause and the fix."""
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs."""
+
+    model_chunks: list  # raw GPTModel chunks (unwrapped)
+    optimizer: object  # an OptimizerBackend
+    memories: ModelMemories
+    stream: DocumentStream
+    run_config: RunConfig
+    step: int = 0  # completed optimizer steps
+    extra: dict = field(default_factory=dict)  # JSON-serialisable, e.g. consumed tokens
+
+
+def iteration_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def current_layout() -> dict:
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        "data": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _describe(layout: dict) -> str:
+    vpp = f" x VPP={layout['virtual_pipeline']}" if layout["virtual_pipeline"] else ""
+    return f"TP={layout['tensor']} x PP={layout['pipeline']}{vpp} x DP={layout['data']}"
+
+
+class Checkpointer:
+    def __init__(self, config: CheckpointConfig):
+        if not config.dir:
+            raise CheckpointError("checkpoint.dir is not set: set it to the directory checkpoints go to.")
+        self.config = config
+        self.root = Path(config.dir)
+
+    # --- finding ---------------------------------------------------------------------------------
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint (the one the tracker file names), or None."""
+        tracker = self.root / TRACKER
+        if not tracker.is_file():
+            return None
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number: fix or delete it.")
+        path = iteration_dir(self.root, int(text))
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{tracker} names iteration {int(text)}, but {path} does not exist: it was deleted or moved. "
+                f"Restore it, or point the tracker at an existing iter_* directory."
+            )
+        return path
+
+    def _complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = (_ITERATION.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    # --- saving ----------------------------------------------------------------------------------
+    def save(self, state: TrainState) -> Path:
+        """Write a checkpoint of `state` (collective). Call it after `memories.commit()`: staged,
+        uncommitted memory writes are not part of a checkpoint."""
+        latest = self.latest()
+        if latest is not None and _step_of(latest) >= state.step:
+            raise CheckpointError(
+                f"{self.root} already holds a checkpoint of step {_step_of(latest)} ({latest}), and this run, "
+                f"now at step {state.step}, did not resume from it: saving would mix two runs. Resume from it "
+                f"(checkpoint.resume=true) or use a fresh checkpoint.dir."
+            )
+        final = iteration_dir(self.root, state.step)
+        tmp = final.with_name(final.name + _TMP)
+        rank0 = dist.get_rank() == 0
+        if rank0:
+            self._remove_stale()
+            for part in ("model", "optimizer", "rank_state"):
+                (tmp / part).mkdir(parents=True)
+            info = {"format": FORMAT, "step": state.step, "layout": current_layout(), "world_size": dist.get_world_size()}
+            (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
+            state.run_config.save(tmp / "config.yaml")
+            _copy_tokenizer(state.run_config, tmp)
+        dist.barrier()
+        dist_checkpointing.save(_model_state(state.model_chunks), str(tmp / "model"))
+        state.optimizer.save(tmp / "optimizer")
+        torch.save(_rank_state(state), tmp / "rank_state" / _rank_file())
+        dist.barrier()
+        if rank0:
+            self._publish(tmp, final, state.step)
+            self._prune(state.step)
+        dist.barrier()
+        return final
+
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
+        """Make the fully written `tmp` the latest checkpoint: rename it, then move the tracker."""
+        if final.exists():  # from a run killed before its tracker reached this step: never the latest
+            _delete(final)
+        os.rename(tmp, final)
+        tracker = self.root / TRACKER
+        staged = tracker.with_name(tracker.name + _TMP)
+        with open(staged, "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staged, tracker)
+
+    def _prune(self, newest: int) -> None:
+        """Keep the `keep_last` newest checkpoints up to `newest`. Later ones can only be left by a
+        run that was killed before its tracker named them: resuming never reaches them."""
+        kept = [step for step in self._complete_steps() if step <= newest][-self.config.keep_last :]
+        for step in self._complete_steps():
+            if step not in kept:
+                _delete(iteration_dir(self.root, step))
+
+    def _remove_stale(self) -> None:
+        for path in self.root.glob(f"*{_TMP}"):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    # --- loading ---------------------------------------------------------------------------------
+    def load(self, path: str | Path, state: TrainState) -> None:
+        """Restore `state` from checkpoint `path` (collective): weights, optimizer, memories, data
+        stream, RNG states, step and extra. Needs the layout and the model that saved it."""
+        path = resolve(path)
+        info = _read_info(path)
+        now = current_layout()
+        if info["layout"] != now:
+            raise CheckpointError(
+                f"{path} was saved with layout {_describe(info['layout'])}, but this run is {_describe(now)}. "
+                f"Optimizer state and memory contents belong to one rank each and resume only on the layout "
+                f"that saved them. To start from its weights on this layout, set checkpoint.init_from={path} "
+                f"(and a fresh checkpoint.dir, or checkpoint.resume=false)."
+            )
+        _check_same_model(path, state.run_config)
+        rank_file = path / "rank_state" / _rank_file()
+        if len(list((path / "rank_state").glob("rank_*.pt"))) != info["world_size"]:
+            raise CheckpointError(f"{path} is incomplete: rank_state/ lacks files of some of its {info['world_size']} ranks.")
+        # Our own file, holding Python and NumPy RNG states, which weights_only refuses.
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+
+        state.stream.load_state_dict(rank_state["stream"])
+        state.memories.load_state_dict(rank_state["memories"])
+        _load_model(path / "model", state.model_chunks, allow_memory_mismatch=False)
+        state.optimizer.load(path / "optimizer")
+        _set_rng_state(rank_state["rng"])
+        state.step, state.extra = rank_state["step"], rank_state["extra"]
+
+
+def _step_of(path: Path) -> int:
+    return int(_ITERATION.fullmatch(path.name).group(1))
+
+
+def resolve(path: str | Path) -> Path:
+    """An iteration directory, given it or the checkpoint directory above it (then its latest)."""
+    path = Path(path)
+    if (path / TRACKER).is_file():
+        return Checkpointer(CheckpointConfig(dir=str(path))).latest()
+    return path
+
+
+def load_weights(path: str | Path, model_chunks) -> list[str]:
+    """Model weights only (`checkpoint.init_from`), into a model of any TP/PP layout (collective).
+
+    The model may have memory layers that the checkpoint's model lacked (or the reverse): its
+    memory parameters then keep their initial values. Anything else missing, extra or of another
+    shape is an error. Returns the names of the parameters left at their initial values.
+    """
+    path = resolve(path)
+    _read_info(path)
+    return _load_model(path / "model", [_unwrap(c) for c in model_chunks], allow_memory_mismatch=True)
+
+
+# --- the parts of a checkpoint ---------------------------------------------------------------------
+def _rank_file() -> str:
+    return f"rank_{dist.get_rank():05d}.pt"
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):  # Megatron DDP and DeepSpeed engines keep the model in .module
+        chunk = chunk.module
+    return chunk
+
+
+def _model_keys(chunks) -> list[str]:
+    """Megatron-LM's names: "model", or "model0", "model1", ... for virtual pipeline stages."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _model_state(chunks) -> dict:
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(chunks), chunks)}
+
+
+def _rank_state(state: TrainState) -> dict:
+    return {
+        "step": state.step,
+        "extra": state.extra,
+        "rng": _rng_state(),
+        "memories": state.memories.state_dict(),
+        "stream": state.stream.state_dict(),
+        "coordinates": {
+            "tensor": parallel_state.get_tensor_model_parallel_rank(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_rank(),
+            "data": parallel_state.get_data_parallel_rank(),
+        },
+    }
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "model_parallel": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["model_parallel"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _copy_tokenizer(run_config: RunConfig, target: Path) -> None:
+    prefix = run_config.data.train
+    try:
+        manifest = read_manifest(prefix)
+    except DataError:  # a dataset without a manifest names no tokenizer
+        return
+    source = dataset_tokenizer_path(prefix, manifest)
+    if source.is_file():
+        shutil.copy2(source, target / "tokenizer.model")
+
+
+def _delete(path: Path) -> None:
+    """Rename first, so that a deletion cut short leaves only a stale `*.tmp`, never a half checkpoint."""
+    doomed = path.with_name(path.name + ".deleted" + _TMP)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _read_info(path: Path) -> dict:
+    if path.name.endswith(_TMP):
+        raise CheckpointError(
+            f"{path} is an incomplete checkpoint (a save or deletion was interrupted); load the one that "
+            f"{path.parent / TRACKER} names."
+        )
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    missing = [p for p in ("checkpoint.json", "config.yaml", "model/metadata.json", "optimizer", "rank_state")
+               if not (path / p).exists()]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a complete megatron-memorizing checkpoint: it lacks {', '.join(missing)}."
+        )
+    info = json.loads((path / "checkpoint.json").read_text())
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path}/checkpoint.json has format {info.get('format')!r}, expected {FORMAT!r}.")
+    return info
+
+
+def _check_same_model(path: Path, run_config: RunConfig) -> None:
+    saved = RunConfig.load(path / "config.yaml").model.to_dict()
+    mine = run_config.model.to_dict()
+    differ = [f"{name}: saved {saved[name]}, now {mine[name]}" for name in _RESUME_FIELDS if saved[name] != mine[name]]
+    if differ:
+        raise CheckpointError(
+            f"{path} was saved by another model ({'; '.join(differ)}). Resuming needs the model that saved "
+            f"it; to start from its weights instead, set checkpoint.init_from={path}."
+        )
+
+
+# --- model weights ---------------------------------------------------------------------------------
+_PER_LAYER_KEY = re.compile(r"decoder\.layers\.\d+\.")
+
+
+@contextlib.contextmanager
+def _layer_keys(chunks, per_layer: bool):
+    """Name transformer-layer tensors per layer ("decoder.layers.3.x") or stacked along a layer
+    axis ("decoder.layers.x"). Megatron stacks them unless layers differ; a model with memory in
+    some layers names them per layer, so a vanilla checkpoint is read with the stacked names."""
+    configs = [chunk.config for chunk in chunks]
+    saved = [config.hetereogenous_dist_checkpoint for config in configs]
+    for config in configs:
+        config.hetereogenous_dist_checkpoint = per_layer
+    try:
+        yield
+    finally:
+        for config, value in zip(configs, saved):
+            config.hetereogenous_dist_checkpoint = value
+
+
+def _is_memory_parameter(key: str) -> bool:
+    return key.endswith(MEMORY_PARAMETERS)
+
+
+def _load_model(model_dir: Path, chunks, allow_memory_mismatch: bool) -> list[str]:
+    """Load model weights from a dist_checkpointing directory after checking that every parameter
+    is there with its shape (collective: all ranks agree before anyone loads)."""
+    saved = load_sharded_metadata(str(model_dir))
+    natural_names = [{k: v.key for k, v in chunk.sharded_state_dict().items()} for chunk in chunks]
+    with _layer_keys(chunks, any(_PER_LAYER_KEY.match(key) for key in saved)):
+        requests = [chunk.sharded_state_dict() for chunk in chunks]
+
+    requested, left_at_init, missing, mismatched = set(), set(), [], []
+    for request, names in zip(requests, natural_names):
+        for local_key, sharded in list(request.items()):
+            if sharded.key not in saved:
+                # Extra states (kernel metadata, not weights) may differ between saving and loading builds.
+                del request[local_key]
+                if isinstance(sharded, ShardedTensor):
+                    name = names[local_key]
+                    if allow_memory_mismatch and _is_memory_parameter(name):
+                        left_at_init.add(name)
+                    else:
+                        missing.append(name)
+                continue
+            requested.add(sharded.key)
+            if isinstance(sharded, ShardedTensor) and tuple(saved[sharded.key].global_shape) != tuple(sharded.global_shape):
+                mismatched.append(
+                    f"{sharded.key} (checkpoint {tuple(saved[sharded.key].global_shape)}, model {tuple(sharded.global_shape)})"
+                )
+
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (requested, left_at_init, missing, mismatched))
+    requested = set().union(*(r for r, _, _, _ in everyone))
+    left_at_init = sorted(set().union(*(s for _, s, _, _ in everyone)))
+    missing = sorted(set(n for _, _, m, _ in everyone for n in m))
+    mismatched = sorted(set(n for _, _, _, m in everyone for n in m))
+    unexpected = sorted(
+        key for key, meta in saved.items()
+        if isinstance(meta, ShardedTensor) and key not in requested
+        and not (allow_memory_mismatch and _is_memory_parameter(key))
+    )
+    if missing or mismatched or unexpected:
+        problems = [
+            f"{what}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+            for what, names in (("missing from the checkpoint", missing), ("of another shape", mismatched),
+                                ("in the checkpoint but not in this model", unexpected))
+            if names
+        ]
+        raise CheckpointError(
+            f"{model_dir} does not fit this model ({'; '.join(problems)}): it was saved by a model of another "
+            f"architecture (number of layers, hidden size, heads, vocabulary{'' if allow_memory_mismatch else ', memory layers'})."
+        )
+
+    loaded = dist_checkpointing.load(dict(zip(_model_keys(chunks), requests)), str(model_dir))
+    for key, chunk in zip(_model_keys(chunks), chunks):
+        chunk.load_state_dict(loaded[key], strict=False)
+    return left_at_init

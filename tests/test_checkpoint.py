@@ -1,0 +1,143 @@
+"""Checkpoints: exact resume after SIGKILL, atomic saves, pruning, and weights across layouts and models.
+
+Resumed training runs are torchrun launches of tests/scripts/ckpt_train.py. A killed run has
+logged each step's loss as it went, so the run that resumes after it is compared, bit for bit,
+with the very steps it replays. The other tests run in this process (TP=PP=DP=1) on checkpoints
+they write, or that tests/scripts/ckpt_weights.py wrote at TP=2 x PP=2.
+"""
+
+import json
+import shutil
+
+import pytest
+from fixtures.data_corpus import build_small_data
+from scripts.ckpt_weights import segment_losses, train_state
+
+from distributed import SCRIPTS, TorchrunError, run_torchrun
+from megatron_memorizing.training.checkpoint import TRACKER, Checkpointer, CheckpointError, load_weights
+from megatron_memorizing.training.config import CheckpointConfig
+
+GATE = ["decoder.layers.2.self_attention.core_attention.gate_bias",
+        "decoder.layers.2.self_attention.core_attention.memory_log_scale"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_small_data(tmp_path_factory.getbasetemp() / "small_data").prefix("train")
+
+
+def read_log(path) -> dict:
+    return {entry["step"]: entry for entry in map(json.loads, path.read_text().splitlines())}
+
+
+def listing(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+@pytest.mark.parametrize(
+    "nproc, backend, kill, left_behind",
+    [
+        # Killed inside the save of step 6, after every rank wrote its part, before the rename.
+        (1, "megatron", ["--kill-in-save-at", "6"], ["iter_0000003", "iter_0000006.tmp", TRACKER]),
+        # DP=2 with ZeRO-1 partitions of the optimizer state; killed between checkpoints.
+        (2, "deepspeed", ["--kill-at-step", "5"], ["iter_0000003", TRACKER]),
+    ],
+    ids=["one-rank-killed-mid-save", "DP2-ZeRO1-killed-between-saves"],
+)
+def test_resume_after_sigkill_replays_the_same_steps(data, tmp_path, nproc, backend, kill, left_behind):
+    root = tmp_path / "checkpoints"
+    args = ["--dir", str(root), "--data", str(data), "--backend", backend, "--steps", "8", "--interval", "3"]
+    with pytest.raises(TorchrunError, match="SIGKILL"):
+        run_torchrun(SCRIPTS / "ckpt_train.py", nproc, [*args, *kill, "--losses", str(tmp_path / "killed.jsonl")])
+    assert listing(root) == left_behind
+    assert Checkpointer(CheckpointConfig(dir=str(root))).latest() == root / "iter_0000003"
+
+    result = run_torchrun(SCRIPTS / "ckpt_train.py", nproc, [*args, "--losses", str(tmp_path / "resumed.jsonl")])
+    assert result["resumed_from"] == str(root / "iter_0000003")
+    killed, resumed = read_log(tmp_path / "killed.jsonl"), read_log(tmp_path / "resumed.jsonl")
+    assert sorted(resumed) == [4, 5, 6, 7, 8]
+    replayed = sorted(set(killed) & set(resumed))
+    assert len(replayed) >= 2
+    # Losses and the token count carried in TrainState.extra, exactly.
+    assert [resumed[s] for s in replayed] == [killed[s] for s in replayed]
+    # keep_last=2 pruned step 3; the interrupted save's leftovers are gone.
+    assert listing(root) == ["iter_0000006", "iter_0000008", TRACKER]
+
+
+def test_keep_last_prunes_and_interrupted_saves_are_ignored(single_rank, data, tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "iter_0000002.tmp" / "model").mkdir(parents=True)  # a save that was killed
+    checkpointer = Checkpointer(CheckpointConfig(dir=str(root), keep_last=2))
+    assert checkpointer.latest() is None
+    state = train_state(data, root)
+    for step in range(1, 5):
+        state.step = step
+        assert checkpointer.save(state) == checkpointer.latest() == root / f"iter_{step:07d}"
+    assert listing(root) == ["iter_0000003", "iter_0000004", TRACKER]
+    assert (root / "iter_0000004" / "tokenizer.model").read_bytes() == (data.parent / "tokenizer.model").read_bytes()
+
+    state.step = 2  # a fresh run pointed at this directory instead of resuming from it
+    with pytest.raises(CheckpointError, match="step 4.*did not resume from it"):
+        checkpointer.save(state)
+
+
+def test_bad_directories_are_named(single_rank, data, tmp_path):
+    root = tmp_path / "checkpoints"
+    state = train_state(data, root)
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+    assert load_weights(root, state.model_chunks) == []  # the directory above resolves to its latest
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_weights(tmp_path / "nowhere", state.model_chunks)
+    incomplete = shutil.copytree(saved, tmp_path / "copy" / saved.name)
+    shutil.rmtree(incomplete / "model")
+    with pytest.raises(CheckpointError, match="not a complete .* lacks model/metadata.json"):
+        Checkpointer(state.run_config.checkpoint).load(incomplete, state)
+    interrupted = saved.rename(saved.with_name(saved.name + ".tmp"))
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        load_weights(interrupted, state.model_chunks)
+    with pytest.raises(CheckpointError, match="names iteration 0, but .* does not exist"):
+        Checkpointer(state.run_config.checkpoint).latest()
+
+
+def test_resume_and_weights_refuse_another_model(single_rank, data, tmp_path):
+    state = train_state(data, tmp_path / "checkpoints")
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+
+    other = train_state(data, tmp_path / "checkpoints", memory_layers=(2,))
+    with pytest.raises(CheckpointError, match=r"another model \(memory_layers: saved \[3\], now \[2\]\).*init_from"):
+        Checkpointer(other.run_config.checkpoint).load(saved, other)
+    wider = train_state(data, tmp_path / "checkpoints", vocab_size=2048)
+    with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight \(checkpoint \(1024, 64\), model \(2048, 64\)\)"):
+        load_weights(saved, wider.model_chunks)
+    deeper = train_state(data, tmp_path / "checkpoints", num_layers=6)
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: decoder\.layers\.4\."):
+        load_weights(saved, deeper.model_chunks)
+
+
+def test_weights_across_layouts_and_into_a_memorizing_model(single_rank, data, tmp_path):
+    saved = run_torchrun(SCRIPTS / "ckpt_weights.py", 4, ["--save", str(tmp_path), "--data", str(data)])
+
+    # TP=2 x PP=2 weights at TP=1: the same model.
+    memorizing = train_state(data, tmp_path / "memorizing")
+    assert load_weights(tmp_path / "memorizing", memorizing.model_chunks) == []
+    assert segment_losses(memorizing, 1) == pytest.approx(saved["losses"], rel=1e-5)
+    # ...but its memories and optimizer state do not resume there.
+    with pytest.raises(CheckpointError, match=r"saved with layout TP=2 x PP=2 x DP=1, but this run is TP=1 x PP=1 x DP=1.*init_from"):
+        Checkpointer(memorizing.run_config.checkpoint).load(tmp_path / "memorizing", memorizing)
+
+    # A vanilla model's weights in a memorizing model: only the gate and scale stay at init, and
+    # with the gate closed the memorizing model computes the vanilla model's losses exactly, also
+    # on a second segment, where the memory holds the first one.
+    vanilla = train_state(data, tmp_path / "vanilla", memory_layers=())
+    assert load_weights(tmp_path / "vanilla", vanilla.model_chunks) == []
+    closed = train_state(data, tmp_path / "vanilla", gate_init=-1e4)
+    assert load_weights(tmp_path / "vanilla", closed.model_chunks) == GATE
+    expected = segment_losses(vanilla, 2)
+    assert segment_losses(closed, 2) == expected
+    opened = train_state(data, tmp_path / "vanilla", gate_init=0.0)
+    load_weights(tmp_path / "vanilla", opened.model_chunks)
+    assert segment_losses(opened, 2)[1] != expected[1]  # the memory does change the loss
+
+    # And the other way: a memorizing checkpoint into a vanilla model drops the gate and scale.
+    assert load_weights(tmp_path / "memorizing", vanilla.model_chunks) == []
