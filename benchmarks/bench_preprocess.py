@@ -11,6 +11,7 @@ the numbers, since other processes on a 2-core machine change them a lot.
 import argparse
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -21,10 +22,23 @@ import sentencepiece
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
+import megatron.core.datasets.indexed_dataset  # noqa: E402,F401  (imported here, not inside the first timed run)
 from data_tools.corpus import build_corpus  # noqa: E402
 from data_tools.preprocess import preprocess  # noqa: E402
 from data_tools.sources import resolve_source  # noqa: E402
 from data_tools.train_tokenizer import train_tokenizer  # noqa: E402
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the preprocess workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed_preprocess(jsonl, tokenizer, out, workers) -> dict:
+    before = cpu_seconds()
+    throughput = preprocess(jsonl, tokenizer, out, workers=workers).throughput
+    return dict(throughput, cpu_seconds=cpu_seconds() - before)
 
 
 def main():
@@ -48,7 +62,7 @@ def main():
         for r in range(args.repeats):  # interleaved, so a burst of other load hits every setting alike
             for workers in args.workers:
                 out = tmp / f"w{workers}r{r}"
-                runs[workers].append(preprocess(tmp / "corpus" / "train.jsonl", tokenizer.path, out, workers=workers).throughput)
+                runs[workers].append(timed_preprocess(tmp / "corpus" / "train.jsonl", tokenizer.path, out, workers))
     load_after = os.getloadavg()
     shared = max(load_before[0], load_after[0]) > 0.5
 
@@ -65,18 +79,21 @@ def main():
         f"tokenizer: SentencePiece BPE, vocab 8000. Built in {corpus_s:.1f} s (corpus) + {tokenizer_s:.1f} s "
         "(tokenizer training).",
         "",
-        f"`preprocess` (JSONL -> tokens -> .bin/.idx), {args.repeats} runs each; median (best):",
+        f"`preprocess` (JSONL -> tokens -> .bin/.idx), {args.repeats} runs each, interleaved; median (best). "
+        "CPU seconds (this process and its workers) hardly depend on other load; wall seconds do.",
         "",
-        "| workers | seconds | MB/s | tokens/s |",
-        "|---|---|---|---|",
+        "| workers | wall seconds | MB/s | tokens/s | CPU seconds |",
+        "|---|---|---|---|---|",
     ]
     for workers, results in runs.items():
         seconds = [r["seconds"] for r in results]
         mbs = [r["mb_per_s"] for r in results]
         tps = [r["tokens_per_s"] for r in results]
+        cpu = [r["cpu_seconds"] for r in results]
         lines.append(
             f"| {workers} | {statistics.median(seconds):.2f} ({min(seconds):.2f}) | "
-            f"{statistics.median(mbs):.2f} ({max(mbs):.2f}) | {statistics.median(tps):,.0f} ({max(tps):,.0f}) |"
+            f"{statistics.median(mbs):.2f} ({max(mbs):.2f}) | {statistics.median(tps):,.0f} ({max(tps):,.0f}) | "
+            f"{statistics.median(cpu):.2f} ({min(cpu):.2f}) |"
         )
     lines += ["", "Reproduce: `python benchmarks/bench_preprocess.py`", ""]
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -169,6 +169,16 @@ def test_memory_can_be_larger_than_in_training(checkpoint, tmp_path):
     assert min(differences[3:]) > 1e-3
 
 
+def test_faiss_search_gives_the_same_logits(checkpoint, tmp_path):
+    pytest.importorskip("faiss")
+    path = export(checkpoint[0], tmp_path / "hf")
+    tokens = document()
+    with torch.no_grad():
+        exact = MemorizingGPTForCausalLM.from_pretrained(path).eval()(tokens).logits
+        with_faiss = MemorizingGPTForCausalLM.from_pretrained(path, memory_backend="faiss").eval()(tokens).logits
+    assert max(segment_errors(with_faiss, exact)) < 1e-5
+
+
 def test_loads_and_generates_in_a_fresh_process_from_the_export_alone(checkpoint, tmp_path, tokenizer_model):
     run, model = checkpoint
     out = tmp_path / "hf"
@@ -202,8 +212,11 @@ def test_loads_and_generates_in_a_fresh_process_from_the_export_alone(checkpoint
     # Greedy decoding: repeatable, equal to re-reading the whole document at every step, and
     # the same when the prompt was read in an earlier call into a kept memory.
     assert got["first"] == got["second"] == got["manual"]
-    assert got["continued"] == got["first"]
+    assert got["continued"] == got["via_past_key_values"] == got["first"]
+    # Beam search reorders the memory with its beams: its score is the re-read document's.
+    assert got["beam_score"] == pytest.approx(got["beam_reread"], abs=1e-4)
     assert len(got["first"]) > 4 * SEGMENT  # generation crossed segment ends
+    assert len(set(got["first"][40:])) > 3  # and produced more than a repeated token
 
 
 def test_checkpoint_saved_at_tp2_pp2_exports_the_same_model(single_rank, tmp_path, tokenizer_model):
@@ -258,6 +271,9 @@ BROKEN = {
     ),
     "interrupted save": (lambda run: (run / "iter_0000100" / "model" / "metadata.json").unlink(), "metadata.json"),
     "no tokenizer": (lambda run: (run / "iter_0000100" / "tokenizer.model").unlink(), "--tokenizer"),
+    "tokenizer is not sentencepiece": (
+        lambda run: (run / "iter_0000100" / "tokenizer.model").write_text("{}"), "not a readable SentencePiece"
+    ),
 }
 
 

@@ -267,7 +267,10 @@ def export(
     source = read_checkpoint(checkpoint, tokenizer)
     if memory_size is not None and source.config.memory_layers and memory_size < source.config.knn_top_k:
         raise ExportError(f"--memory-size {memory_size} is smaller than knn_top_k={source.config.knn_top_k}.")
-    hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
+    try:
+        hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
+    except (OSError, RuntimeError) as error:
+        raise ExportError(f"{source.tokenizer} is not a readable SentencePiece model: {error}") from None
     megatron, transformer = load_megatron_state(source)
     config = hf_config(source.config, transformer, hf_tokenizer, memory_size)
     model = MemorizingGPTForCausalLM(config)

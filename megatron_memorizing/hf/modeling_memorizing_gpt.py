@@ -125,7 +125,7 @@ def _rotate(x: torch.Tensor, start: int, config: MemorizingGPTConfig) -> torch.T
     on the first rotary_percent of the channels)."""
     if config.position_embedding_type != "rope":
         return x
-    dim = int(config.head_dim * config.rotary_percent) if config.rotary_percent < 1.0 else config.head_dim
+    dim = int(config.head_dim * config.rotary_percent)
     inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
     positions = torch.arange(x.shape[2], dtype=torch.float32, device=x.device) + start
     angles = torch.outer(positions, inv_freq).repeat(1, 2)

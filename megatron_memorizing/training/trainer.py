@@ -63,22 +63,19 @@ class Trainer:
 
         self.model_chunks = build_model(model)
         self.memories = ModelMemories(self.model_chunks, model.micro_batch_size)
+        self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
+        resume_from = self.checkpointer.latest() if self.checkpointer and config.checkpoint.resume else None
+        if resume_from is None and config.checkpoint.init_from:
+            # Before the optimizer exists: ZeRO copies the weights into its fp32 master partitions.
+            load_weights(config.checkpoint.init_from, self.model_chunks)
         self.optimizer = build_optimizer(config, self.model_chunks)
         stream = DocumentStream(
             config.data.train, model.memory_slots, model.segment_length, self.dp_rank, self.dp_size, seed=config.data.seed
         )
         self.state = TrainState(self.model_chunks, self.optimizer, self.memories, stream, config)
-        self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
-        self._start()
+        if resume_from is not None:  # model, optimizer, memory, data position, RNG: all of it
+            self.checkpointer.load(resume_from, self.state)
         self.logger = TrainingLogger(config.logging, config.training.steps, self.state.step)
-
-    def _start(self) -> None:
-        """Resume from the newest complete checkpoint, or take initial weights from `init_from`."""
-        latest = self.checkpointer.latest() if self.checkpointer and self.config.checkpoint.resume else None
-        if latest is not None:
-            self.checkpointer.load(latest, self.state)
-        elif self.config.checkpoint.init_from:
-            load_weights(self.config.checkpoint.init_from, self.model_chunks)
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, batch) -> tuple[float, float]:

@@ -15,8 +15,21 @@ PROMPT = 40  # 2.5 segments of the test's tiny model
 NEW_TOKENS = 30
 
 
-def greedy(model, prompt):
-    return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
+def greedy(model, prompt, **kwargs):
+    return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)[0].tolist()
+
+
+def beam_search(model, prompt):
+    """The best of 3 beams, and its score as beam search computed it (the generated tokens' summed
+    log-probabilities) next to the same sum from re-reading the document."""
+    out = model.generate(
+        prompt, max_new_tokens=12, num_beams=3, length_penalty=0.0, do_sample=False,
+        return_dict_in_generate=True, output_scores=True,
+    )
+    sequence = out.sequences[:1]
+    log_probs = model(sequence, use_cache=False).logits[0, prompt.shape[1] - 1 : -1].log_softmax(-1)
+    reread = log_probs.gather(-1, sequence[0, prompt.shape[1] :, None]).sum()
+    return out.sequences_scores[0].item(), reread.item()
 
 
 def main(path, tokens_json, text, result_path):
@@ -37,6 +50,11 @@ def main(path, tokens_json, text, result_path):
         model(prompt[:, :25])
         continued = prompt[0, :25].tolist() + greedy(model, prompt[:, 25:])
         model.keep_memory(False)
+        # The transformers convention: a memory passed in has read the start of input_ids already.
+        memory = model.new_memory()
+        model(prompt[:, :25], past_key_values=memory)
+        via_past_key_values = greedy(model, prompt, past_key_values=memory)
+        beam_score, beam_reread = beam_search(model, prompt)
     ids = tokenizer(text)["input_ids"]
     result = {
         "project_imported": any(name.split(".")[0] == "megatron_memorizing" for name in sys.modules),
@@ -45,6 +63,9 @@ def main(path, tokens_json, text, result_path):
         "second": second,
         "manual": manual[0].tolist(),
         "continued": continued,
+        "via_past_key_values": via_past_key_values,
+        "beam_score": beam_score,
+        "beam_reread": beam_reread,
         "ids": ids,
         "decoded": tokenizer.decode(ids),
     }

@@ -1,0 +1,170 @@
+"""A synthetic long-document recall task: facts defined early, queried many segments later.
+
+A document is a program-like list of three-token statements:
+
+    def k317 v05        defines key k317 (new in this document) with a random value
+    get k317 v05        queries a key defined earlier; the value is the answer
+
+Keys and values are drawn afresh for every document, so a value can only be known by reading
+back to its definition. Every key is queried at most once, so the distance from a query to its
+answer is the distance to the definition, spread over the whole document so far: some lie inside
+the local segment (local attention can answer them, which teaches the layer the lookup), most
+lie many segments back, where only memory can reach.
+
+Documents go through the project's own data pipeline: JSONL, a SentencePiece model in which
+every task word is one piece, then `preprocess` into .bin/.idx with a manifest.
+
+    python -m data_tools.recall_task --out data/recall
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from megatron_memorizing.data.atomic import atomic_path
+from megatron_memorizing.data.tokenizer import Tokenizer
+
+from .preprocess import TOKENIZER_FILE, preprocess
+from .train_tokenizer import EXACT_SETTINGS
+
+DEFINE, QUERY = "\ndef", "\nget"
+STATEMENT_TOKENS = 3
+SPLITS = {"train": 0, "validation": 1, "test": 2}  # split -> seed offset, so splits never share documents
+
+
+@dataclass(frozen=True)
+class RecallSpec:
+    num_keys: int = 512  # key vocabulary; a document uses each key at most once
+    num_values: int = 32  # value vocabulary: chance accuracy is 1/num_values
+    statements: int = 340  # per document: 1020 tokens + end of document
+
+    def __post_init__(self):
+        if self.num_keys < self.statements:
+            raise ValueError(f"num_keys={self.num_keys} < statements={self.statements}: keys could run out")
+
+    @property
+    def keys(self) -> list[str]:
+        return [f" k{i:03d}" for i in range(self.num_keys)]
+
+    @property
+    def values(self) -> list[str]:
+        return [f" v{i:02d}" for i in range(self.num_values)]
+
+    @property
+    def words(self) -> list[str]:
+        return [DEFINE, QUERY, *self.keys, *self.values]
+
+
+def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(operation, key, value) statements.
+
+    Statement i is a query with probability i / statements (definitions early, queries late), and
+    it asks for the open key (defined, not yet queried) defined nearest to a time drawn uniformly
+    from the document so far: query distances spread over the whole document instead of piling up
+    near the query. With no key open, the statement is a definition."""
+    keys, values = spec.keys, spec.values
+    unused = list(rng.permutation(len(keys)))
+    open_keys: dict[int, int] = {}  # key -> statement index of its definition
+    answer: dict[int, int] = {}
+    statements = []
+    for index in range(spec.statements):
+        if open_keys and rng.random() < index / spec.statements:
+            when = rng.uniform(0, index)
+            key = min(open_keys, key=lambda k: abs(open_keys[k] - when))
+            del open_keys[key]
+            statements.append((QUERY, keys[key], values[answer[key]]))
+        else:
+            key = unused.pop()
+            answer[key] = int(rng.integers(len(values)))
+            open_keys[key] = index
+            statements.append((DEFINE, keys[key], values[answer[key]]))
+    return statements
+
+
+def document_text(statements) -> str:
+    return "".join("".join(statement) for statement in statements)
+
+
+def generate_split(spec: RecallSpec, documents: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [document_text(generate_document(spec, rng)) for _ in range(documents)]
+
+
+def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> Tokenizer:
+    """A SentencePiece model in which every task word is a single piece (user-defined symbols),
+    with the project's exact-round-trip settings, so decoded ids read as the task text."""
+    # SentencePiece writes spaces as U+2581 internally; symbols must be given that way to match.
+    symbols = [word.replace(" ", "\u2581") for word in spec.words]
+    sample = generate_split(spec, 4, seed=0)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=len(symbols) + 512,  # an upper bound: the meta pieces, bytes and symbols fit below it
+        hard_vocab_limit=False,
+        user_defined_symbols=symbols,
+        max_sentence_length=1 << 20,
+        minloglevel=2,
+        **EXACT_SETTINGS,
+    )
+    with atomic_path(output_model) as tmp:
+        tmp.write_bytes(model.getvalue())
+    tokenizer = Tokenizer(output_model)
+    check = generate_split(spec, 1, seed=0)[0]
+    if len(tokenizer.encode(check)) != STATEMENT_TOKENS * spec.statements:
+        raise RuntimeError(f"{output_model}: the task words do not encode as one token each")
+    return tokenizer
+
+
+def build(out: Path, spec: RecallSpec, documents: dict[str, int], seed: int = 0, force: bool = False) -> dict:
+    """Write OUT/{split}.jsonl, OUT/tokenizer.model and OUT/{split}.bin/.idx/.json for every split."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Trained straight into the dataset's tokenizer copy, which preprocess then finds identical.
+    tokenizer_path = out / TOKENIZER_FILE
+    train_word_tokenizer(spec, tokenizer_path)
+    for split, count in documents.items():
+        jsonl = out / f"{split}.jsonl"
+        texts = generate_split(spec, count, seed=seed * len(SPLITS) + SPLITS[split])
+        with atomic_path(jsonl) as tmp, open(tmp, "w") as f:
+            for i, text in enumerate(texts):
+                f.write(json.dumps({"id": f"recall:{split}:{i}", "source": "recall", "text": text}) + "\n")
+        preprocess(jsonl, tokenizer_path, out / split, split=split, workers=1, force=force)
+    info = {"spec": asdict(spec), "documents": documents, "seed": seed}
+    (out / "recall.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.recall_task", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/recall"), help="output directory (default data/recall)")
+    defaults = RecallSpec()
+    parser.add_argument("--num-keys", type=int, default=defaults.num_keys)
+    parser.add_argument("--num-values", type=int, default=defaults.num_values)
+    parser.add_argument("--statements", type=int, default=defaults.statements,
+                        help=f"statements per document ({STATEMENT_TOKENS} tokens each; default {defaults.statements})")
+    parser.add_argument("--train-documents", type=int, default=4000)
+    parser.add_argument("--validation-documents", type=int, default=64)
+    parser.add_argument("--test-documents", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="overwrite existing datasets in OUT")
+    args = parser.parse_args(argv)
+    spec = RecallSpec(args.num_keys, args.num_values, args.statements)
+    documents = {"train": args.train_documents, "validation": args.validation_documents, "test": args.test_documents}
+    build(args.out, spec, documents, args.seed, args.force)
+    tokenizer = Tokenizer(args.out / TOKENIZER_FILE)
+    print(f"{args.out}: {documents} documents of {STATEMENT_TOKENS * spec.statements + 1} tokens, "
+          f"vocabulary {tokenizer.vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

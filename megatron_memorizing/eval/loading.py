@@ -1,0 +1,93 @@
+"""What every evaluation tool starts from: a trained checkpoint as a model in one process, and a
+forward pass that returns logits instead of a loss.
+
+The model is built from the checkpoint's own config.yaml, with tensor and pipeline parallelism
+set to 1 (weights are resharded on load) and, optionally, another number of memory slots:
+slots are per-document runtime state, not weights, so evaluation may stream more or fewer
+documents side by side than training did.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_memorizing.data import Batch
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.model import build_model
+from megatron_memorizing.parallel import initialize_distributed
+from megatron_memorizing.training.checkpoint import load_weights, resolve
+from megatron_memorizing.training.config import RunConfig
+
+SINGLE_PROCESS = (
+    "model.tensor_model_parallel_size=1",
+    "model.pipeline_model_parallel_size=1",
+    "model.virtual_pipeline_model_parallel_size=null",
+)
+
+
+@dataclass
+class LoadedModel:
+    path: Path  # the iteration directory the weights came from
+    config: RunConfig
+    model_chunks: list[torch.nn.Module]
+    memories: ModelMemories
+
+    @property
+    def step(self) -> int:
+        return int(self.path.name.split("_")[-1]) if self.path.name.startswith("iter_") else 0
+
+
+def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots: Optional[int] = None) -> LoadedModel:
+    """Build the checkpoint's model in this process (TP=PP=1) and load its weights.
+
+    `checkpoint` is an iteration directory or a checkpoint directory (its latest iteration);
+    `overrides` are `section.field=value` strings as for training; `slots` sets the number of
+    documents streamed side by side (one micro-batch of that many sequences).
+    """
+    path = resolve(checkpoint)
+    if path is None or not (path / "config.yaml").is_file():
+        raise FileNotFoundError(f"{checkpoint} holds no complete checkpoint (no config.yaml)")
+    layout = list(SINGLE_PROCESS)
+    if slots is not None:
+        layout += [f"model.micro_batch_size={slots}", "model.num_micro_batches=1"]
+    config = RunConfig.load(path / "config.yaml", [*layout, *overrides])
+    initialize_distributed(seed=config.training.seed)
+    model_chunks = build_model(config.model)
+    left_at_init = load_weights(path, model_chunks)
+    if left_at_init:
+        warnings.warn(f"{path} has no weights for {left_at_init}: they keep their initial values")
+    for chunk in model_chunks:
+        chunk.eval()
+    return LoadedModel(path, config, model_chunks, ModelMemories(model_chunks, config.model.micro_batch_size))
+
+
+@torch.no_grad()
+def forward_logits(model_chunks: list[torch.nn.Module], memories: ModelMemories, batch: Batch) -> torch.Tensor:
+    """Logits [slots, L, vocab] of a batch on a single-process model, reading the memory as it is.
+
+    Slots that start a document are reset first; nothing is committed: the caller commits once it
+    has run every forward pass it wants over this batch (with and without memory, say).
+    """
+    if len(model_chunks) != 1:
+        raise ValueError("forward_logits needs the whole model in one chunk (pipeline parallelism 1)")
+    (model,) = model_chunks
+    memories.reset(batch.new_document)
+    size = memories.micro_batch_size
+    slots, length = batch.tokens.shape
+    positions = torch.arange(length).expand(size, -1)
+    outputs = []
+    for j in range(slots // size):
+        memories.use_micro_batch(j)
+        outputs.append(model(batch.tokens[j * size : (j + 1) * size], positions, None).float())
+    return torch.cat(outputs)
+
+
+def token_losses(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-token cross-entropy [slots, L], 0 on padding."""
+    losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), reduction="none")
+    return losses.view_as(batch.loss_mask) * batch.loss_mask
