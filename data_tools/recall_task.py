@@ -7,9 +7,10 @@ A document is a program-like list of three-token statements:
 
 Keys and values are drawn afresh for every document, so a value can only be known by reading
 back to its definition. Every key is queried at most once, so the distance from a query to its
-answer is the distance to the definition, spread over the whole document so far: some lie inside
-the local segment (local attention can answer them, which teaches the layer the lookup), most
-lie many segments back, where only memory can reach.
+answer is the distance to the definition, spread log-uniformly over the document so far: many lie
+inside the local segment (local attention can answer them, which teaches the layer the lookup:
+a curriculum built into every document), many lie tens of segments back, where only memory can
+reach.
 
 Documents go through the project's own data pipeline: JSONL, a SentencePiece model in which
 every task word is one piece, then `preprocess` into .bin/.idx with a manifest.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +46,9 @@ class RecallSpec:
     num_keys: int = 512  # key vocabulary; a document uses each key at most once
     num_values: int = 32  # value vocabulary: chance accuracy is 1/num_values
     statements: int = 340  # per document: 1020 tokens + end of document
+    # Queries reach at most this many statements back (0: to the document's start). A small
+    # value makes a warm-up task that local attention alone can solve.
+    max_back: int = 0
 
     def __post_init__(self):
         if self.num_keys < self.statements:
@@ -66,18 +71,21 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
     """(operation, key, value) statements.
 
     Statement i is a query with probability i / statements (definitions early, queries late), and
-    it asks for the open key (defined, not yet queried) defined nearest to a time drawn uniformly
-    from the document so far: query distances spread over the whole document instead of piling up
-    near the query. With no key open, the statement is a definition."""
+    it asks for the open key (defined, not yet queried) defined nearest to a time a log-uniform
+    distance back: every scale of distance, from the previous statement to the document's start
+    (or to max_back statements), gets about the same share of queries. With no key open within
+    reach, the statement is a definition."""
     keys, values = spec.keys, spec.values
     unused = list(rng.permutation(len(keys)))
     open_keys: dict[int, int] = {}  # key -> statement index of its definition
     answer: dict[int, int] = {}
     statements = []
     for index in range(spec.statements):
-        if open_keys and rng.random() < index / spec.statements:
-            when = rng.uniform(0, index)
-            key = min(open_keys, key=lambda k: abs(open_keys[k] - when))
+        reach = min(index, spec.max_back) if spec.max_back else index
+        candidates = [k for k, defined in open_keys.items() if defined >= index - reach]
+        if candidates and rng.random() < index / spec.statements:
+            when = index - math.exp(rng.uniform(0, math.log(reach + 1)))
+            key = min(candidates, key=lambda k: abs(open_keys[k] - when))
             del open_keys[key]
             statements.append((QUERY, keys[key], values[answer[key]]))
         else:
@@ -102,10 +110,11 @@ def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> Tokenizer:
     with the project's exact-round-trip settings, so decoded ids read as the task text."""
     # SentencePiece writes spaces as U+2581 internally; symbols must be given that way to match.
     symbols = [word.replace(" ", "\u2581") for word in spec.words]
-    sample = generate_split(spec, 4, seed=0)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample),
+        # The words alone: every variant of the task (max_back, seeds) gets the same tokenizer,
+        # so a model warmed up on one variant reads the others.
+        sentence_iterator=iter(["".join(spec.words)]),
         model_writer=model,
         model_type="bpe",
         vocab_size=len(symbols) + 512,  # an upper bound: the meta pieces, bytes and symbols fit below it
@@ -131,6 +140,8 @@ def build(out: Path, spec: RecallSpec, documents: dict[str, int], seed: int = 0,
     tokenizer_path = out / TOKENIZER_FILE
     train_word_tokenizer(spec, tokenizer_path)
     for split, count in documents.items():
+        if not count:
+            continue
         jsonl = out / f"{split}.jsonl"
         texts = generate_split(spec, count, seed=seed * len(SPLITS) + SPLITS[split])
         with atomic_path(jsonl) as tmp, open(tmp, "w") as f:
@@ -151,13 +162,15 @@ def main(argv=None) -> int:
     parser.add_argument("--num-values", type=int, default=defaults.num_values)
     parser.add_argument("--statements", type=int, default=defaults.statements,
                         help=f"statements per document ({STATEMENT_TOKENS} tokens each; default {defaults.statements})")
+    parser.add_argument("--max-back", type=int, default=0,
+                        help="queries reach at most this many statements back (default 0: the whole document)")
     parser.add_argument("--train-documents", type=int, default=4000)
     parser.add_argument("--validation-documents", type=int, default=64)
     parser.add_argument("--test-documents", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing datasets in OUT")
     args = parser.parse_args(argv)
-    spec = RecallSpec(args.num_keys, args.num_values, args.statements)
+    spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back)
     documents = {"train": args.train_documents, "validation": args.validation_documents, "test": args.test_documents}
     build(args.out, spec, documents, args.seed, args.force)
     tokenizer = Tokenizer(args.out / TOKENIZER_FILE)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_memorizing.data import Batch
 from megatron_memorizing.memories import ModelMemories
@@ -56,7 +57,10 @@ def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots
     if slots is not None:
         layout += [f"model.micro_batch_size={slots}", "model.num_micro_batches=1"]
     config = RunConfig.load(path / "config.yaml", [*layout, *overrides])
-    initialize_distributed(seed=config.training.seed)
+    if not parallel_state.model_parallel_is_initialized():  # else a caller (a test, a notebook) did
+        initialize_distributed(seed=config.training.seed)
+    elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise RuntimeError("load_checkpoint builds the whole model in one process: initialize with TP=PP=1")
     model_chunks = build_model(config.model)
     left_at_init = load_weights(path, model_chunks)
     if left_at_init:

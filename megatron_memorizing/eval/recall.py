@@ -163,9 +163,10 @@ def main(argv=None) -> int:
     model = loaded.config.model
     data = args.data or loaded.config.data.validation
     define_id, query_id, num_values = task_ids(data)
-    conditions = {"with memory": contextlib.nullcontext}
     if model.memory_layers:
-        conditions["memory disabled"] = loaded.memories.disabled
+        conditions = {"with memory": contextlib.nullcontext, "memory disabled": loaded.memories.disabled}
+    else:
+        conditions = {"no memory layer": contextlib.nullcontext}
     results = {}
     for name, condition in conditions.items():
         stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)

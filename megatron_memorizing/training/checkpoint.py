@@ -30,7 +30,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron_memorizing.data import DataError, DocumentStream, dataset_tokenizer_path, read_manifest
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+
+if TYPE_CHECKING:
+    from megatron_memorizing.training.optimizer import OptimizerBackend
 
 FORMAT = "megatron-memorizing-checkpoint/1"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -68,7 +71,7 @@ class TrainState:
     """Everything a resumed run needs."""
 
     model_chunks: list  # raw GPTModel chunks (unwrapped)
-    optimizer: object  # an OptimizerBackend
+    optimizer: OptimizerBackend
     memories: ModelMemories
     stream: DocumentStream
     run_config: RunConfig
@@ -142,7 +145,8 @@ class Checkpointer:
             self._remove_stale()
             for part in ("model", "optimizer", "rank_state"):
                 (tmp / part).mkdir(parents=True)
-            info = {"format": FORMAT, "step": state.step, "layout": current_layout(), "world_size": dist.get_world_size()}
+            info = {"format": FORMAT, "step": state.step, "layout": current_layout(),
+                    "world_size": dist.get_world_size()}
             (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
             state.run_config.save(tmp / "config.yaml")
             _copy_tokenizer(state.run_config, tmp)
@@ -180,7 +184,10 @@ class Checkpointer:
 
     def _remove_stale(self) -> None:
         for path in self.root.glob(f"*{_TMP}"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str | Path, state: TrainState) -> None:
@@ -199,7 +206,9 @@ class Checkpointer:
         _check_same_model(path, state.run_config)
         rank_file = path / "rank_state" / _rank_file()
         if len(list((path / "rank_state").glob("rank_*.pt"))) != info["world_size"]:
-            raise CheckpointError(f"{path} is incomplete: rank_state/ lacks files of some of its {info['world_size']} ranks.")
+            raise CheckpointError(
+                f"{path} is incomplete: rank_state/ lacks the files of some of its {info['world_size']} ranks."
+            )
         # Our own file, holding Python and NumPy RNG states, which weights_only refuses.
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
 
@@ -262,11 +271,6 @@ def _rank_state(state: TrainState) -> dict:
         "rng": _rng_state(),
         "memories": state.memories.state_dict(),
         "stream": state.stream.state_dict(),
-        "coordinates": {
-            "tensor": parallel_state.get_tensor_model_parallel_rank(),
-            "pipeline": parallel_state.get_pipeline_model_parallel_rank(),
-            "data": parallel_state.get_data_parallel_rank(),
-        },
     }
 
 
@@ -366,55 +370,53 @@ def _is_memory_parameter(key: str) -> bool:
 
 def _load_model(model_dir: Path, chunks, allow_memory_mismatch: bool) -> list[str]:
     """Load model weights from a dist_checkpointing directory after checking that every parameter
-    is there with its shape (collective: all ranks agree before anyone loads)."""
+    is there with its shape (collective: all ranks agree on the verdict before anyone loads)."""
     saved = load_sharded_metadata(str(model_dir))
-    natural_names = [{k: v.key for k, v in chunk.sharded_state_dict().items()} for chunk in chunks]
+    names = [{k: v.key for k, v in chunk.sharded_state_dict().items()} for chunk in chunks]
     with _layer_keys(chunks, any(_PER_LAYER_KEY.match(key) for key in saved)):
         requests = [chunk.sharded_state_dict() for chunk in chunks]
 
-    requested, left_at_init, missing, mismatched = set(), set(), [], []
-    for request, names in zip(requests, natural_names):
+    fit = {"requested": set(), "left_at_init": set(), "missing": set(), "mismatched": set()}
+    for request, chunk_names in zip(requests, names):
         for local_key, sharded in list(request.items()):
             if sharded.key not in saved:
-                # Extra states (kernel metadata, not weights) may differ between saving and loading builds.
                 del request[local_key]
+                # Only tensors are weights; objects hold kernel metadata ("extra state"), which
+                # builds with and without Transformer Engine keep differently.
                 if isinstance(sharded, ShardedTensor):
-                    name = names[local_key]
-                    if allow_memory_mismatch and _is_memory_parameter(name):
-                        left_at_init.add(name)
-                    else:
-                        missing.append(name)
+                    name = chunk_names[local_key]
+                    memory_only = allow_memory_mismatch and _is_memory_parameter(name)
+                    fit["left_at_init" if memory_only else "missing"].add(name)
                 continue
-            requested.add(sharded.key)
-            if isinstance(sharded, ShardedTensor) and tuple(saved[sharded.key].global_shape) != tuple(sharded.global_shape):
-                mismatched.append(
-                    f"{sharded.key} (checkpoint {tuple(saved[sharded.key].global_shape)}, model {tuple(sharded.global_shape)})"
-                )
+            fit["requested"].add(sharded.key)
+            if isinstance(sharded, ShardedTensor):
+                saved_shape, shape = tuple(saved[sharded.key].global_shape), tuple(sharded.global_shape)
+                if saved_shape != shape:
+                    fit["mismatched"].add(f"{sharded.key} (checkpoint {saved_shape}, model {shape})")
 
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (requested, left_at_init, missing, mismatched))
-    requested = set().union(*(r for r, _, _, _ in everyone))
-    left_at_init = sorted(set().union(*(s for _, s, _, _ in everyone)))
-    missing = sorted(set(n for _, _, m, _ in everyone for n in m))
-    mismatched = sorted(set(n for _, _, _, m in everyone for n in m))
-    unexpected = sorted(
-        key for key, meta in saved.items()
-        if isinstance(meta, ShardedTensor) and key not in requested
+    # Under pipeline parallelism each rank sees its own stage only: decide on the union.
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, fit)
+    fit = {kind: sorted(set().union(*(g[kind] for g in gathered))) for kind in fit}
+    unexpected = [
+        key for key, meta in sorted(saved.items())
+        if isinstance(meta, ShardedTensor) and key not in fit["requested"]
         and not (allow_memory_mismatch and _is_memory_parameter(key))
-    )
-    if missing or mismatched or unexpected:
-        problems = [
-            f"{what}: {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
-            for what, names in (("missing from the checkpoint", missing), ("of another shape", mismatched),
-                                ("in the checkpoint but not in this model", unexpected))
-            if names
-        ]
+    ]
+    problems = [
+        f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+        for what, keys in (("missing from the checkpoint", fit["missing"]), ("of another shape", fit["mismatched"]),
+                           ("in the checkpoint but not in this model", unexpected))
+        if keys
+    ]
+    if problems:
+        also = "" if allow_memory_mismatch else ", memory layers"
         raise CheckpointError(
             f"{model_dir} does not fit this model ({'; '.join(problems)}): it was saved by a model of another "
-            f"architecture (number of layers, hidden size, heads, vocabulary{'' if allow_memory_mismatch else ', memory layers'})."
+            f"architecture (number of layers, hidden size, heads, vocabulary{also})."
         )
 
     loaded = dist_checkpointing.load(dict(zip(_model_keys(chunks), requests)), str(model_dir))
     for key, chunk in zip(_model_keys(chunks), chunks):
         chunk.load_state_dict(loaded[key], strict=False)
-    return left_at_init
+    return fit["left_at_init"]

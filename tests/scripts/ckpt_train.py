@@ -20,11 +20,13 @@ import signal
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`, `distributed`
 
+from distributed import write_result  # noqa: E402
 from megatron_memorizing.data import DocumentStream  # noqa: E402
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
@@ -40,10 +42,17 @@ from megatron_memorizing.training.config import (  # noqa: E402
 from megatron_memorizing.training.optimizer import build_optimizer  # noqa: E402
 from megatron_memorizing.training.schedules import learning_rate  # noqa: E402
 from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel  # noqa: E402
-from distributed import write_result  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 VOCAB = 1024  # the test dataset's tokenizer has 1000 pieces
+
+
+def die(*_) -> None:
+    """SIGKILL the way a job scheduler does it, to the whole process tree: a child left behind (the
+    manager process dist_checkpointing starts) would hold the launcher's output pipe open."""
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_config(args) -> RunConfig:
@@ -98,10 +107,10 @@ def main():
                 log.write(json.dumps({"step": state.step, "loss": loss_sum / tokens, "tokens": state.extra["tokens"]}) + "\n")
         if state.step % config.checkpoint.interval == 0 or state.step == config.training.steps:
             if state.step == args.kill_in_save_at:
-                checkpointer._publish = lambda *_: os.kill(os.getpid(), signal.SIGKILL)
+                checkpointer._publish = die
             checkpointer.save(state)
         if state.step == args.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            die()
 
     write_result(args.result, {"resumed_from": str(resumed_from) if resumed_from else None})
     destroy_distributed()

@@ -1,0 +1,137 @@
+"""Perplexity of a trained checkpoint on held-out documents: by memory size, without memory, and
+by position in the document.
+
+    megatron-memorizing-eval --checkpoint runs/tiny-cpu/checkpoints --memory-sizes 2048 8192 32768
+
+Documents are streamed exactly as in training (one per slot, segment after segment, memory reset
+at each new document). Each memory size is a separate pass over the same documents; sizes larger
+than in training are allowed (the paper's evaluation at 65K after training at 8K), as memory is
+not a parameter. Writes a table to the terminal and perplexity.json / perplexity.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from megatron_memorizing.data import DocumentStream
+from megatron_memorizing.eval.loading import LoadedModel, load_checkpoint
+from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
+from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
+
+NO_MEMORY = "no memory"
+
+
+def memory_label(size: int) -> str:
+    return f"memory {size:,}"
+
+
+def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False) -> dict[str, Perplexity]:
+    """One pass per memory size, and one with memory disabled, over the same documents."""
+    model, memories = loaded.config.model, loaded.memories
+
+    def run() -> Perplexity:
+        stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
+        return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress)
+
+    results = {}
+    if model.memory_layers:
+        for size in memory_sizes:
+            memories.resize(size)
+            results[memory_label(size)] = run()
+        with memories.disabled():
+            results[NO_MEMORY] = run()
+    else:
+        results[NO_MEMORY] = run()
+    return results
+
+
+def position_rows(results: dict[str, Perplexity]) -> list[list[str]]:
+    """Rows 'positions | tokens | perplexity per condition' for buckets with tokens."""
+    names = list(results)
+    starts = sorted(start for start, (_, n) in results[names[0]].by_position.items() if n > 0)
+    rows = []
+    for start in starts:
+        end = POSITION_EDGES[POSITION_EDGES.index(start) + 1] if start != POSITION_EDGES[-1] else None
+        tokens = results[names[0]].by_position[start][1]
+        cells = [f"{math.exp(s / n):.3f}" for s, n in (results[name].by_position[start] for name in names)]
+        rows.append([f"{start}-{end - 1 if end else ''}", f"{tokens:,.0f}", *cells])
+    return rows
+
+
+def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> dict:
+    baseline = results.get(NO_MEMORY)
+    return dict(
+        checkpoint=str(loaded.path),
+        step=loaded.step,
+        data=data,
+        training_memory_size=loaded.config.model.memory_size if loaded.config.model.memory_layers else 0,
+        segment_length=loaded.config.model.segment_length,
+        results={
+            name: dict(
+                loss=r.loss, perplexity=r.perplexity, tokens=r.tokens,
+                change_vs_no_memory=(r.perplexity / baseline.perplexity - 1) if baseline else None,
+                by_position=[
+                    dict(start=start, perplexity=ppl, tokens=n) for start, ppl, n in r.position_table()
+                ],
+            )
+            for name, r in results.items()
+        },
+    )
+
+
+def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
+    figure, axes = new_figure()
+    for name, result in results.items():
+        rows = result.position_table()
+        axes.plot([max(start, 1) for start, _, _ in rows], [ppl for _, ppl, _ in rows], marker="o",
+                  label=name, linestyle="--" if name == NO_MEMORY else "-")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("position in the document (tokens, bucket start)")
+    axes.set_ylabel("perplexity")
+    axes.set_title(title)
+    axes.legend()
+    return save_figure(figure, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-memorizing-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
+    parser.add_argument("--data", help="dataset prefix to evaluate on (default: the run's validation split)")
+    parser.add_argument("--memory-sizes", type=int, nargs="+",
+                        help="memory sizes to evaluate at (default: the training memory size)")
+    parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many segments per slot (default: all documents)")
+    parser.add_argument("--out", type=Path, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a field of the checkpoint's config (repeatable)")
+    args = parser.parse_args(argv)
+
+    loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
+    data = args.data or loaded.config.data.validation
+    if not data:
+        parser.error("the checkpoint's config names no validation data: pass --data PREFIX")
+    sizes = args.memory_sizes or [loaded.config.model.memory_size]
+    results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True)
+
+    baseline = results.get(NO_MEMORY)
+    print(f"{loaded.path} on {data} ({next(iter(results.values())).tokens:,.0f} tokens)")
+    print(table(
+        ["condition", "loss", "perplexity", "vs no memory"],
+        [[name, f"{r.loss:.4f}", f"{r.perplexity:.3f}",
+          f"{100 * (r.perplexity / baseline.perplexity - 1):+.2f}%" if baseline else ""] for name, r in results.items()],
+    ))
+    print("\nperplexity by position in the document")
+    print(table(["positions", "tokens", *results], position_rows(results)))
+
+    out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
+    print(f"\nwrote {write_json(out / 'perplexity.json', summary(loaded, data, results))}")
+    title = f"{loaded.path.parent.parent.name} step {loaded.step}: perplexity by position"
+    print(f"wrote {plot(results, out / 'perplexity.png', title)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

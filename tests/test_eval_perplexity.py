@@ -1,0 +1,109 @@
+"""Perplexity evaluation: token losses summed by position in the document exactly as an independent
+computation from the model's logits gives them; memory size at evaluation time changes results
+only where a document outgrows the memory; the CLI from a saved checkpoint to table, JSON and plot."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from scripts.ckpt_weights import train_state
+
+from data_tools.recall_task import RecallSpec, build
+from megatron_memorizing.data import DocumentStream, open_indexed_dataset
+from megatron_memorizing.eval import perplexity_cli
+from megatron_memorizing.eval.loading import LoadedModel, forward_logits, token_losses
+from megatron_memorizing.eval.perplexity import POSITION_EDGES, evaluate
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.model import build_model
+from megatron_memorizing.training.checkpoint import Checkpointer
+from megatron_memorizing.training.config import DataConfig, RunConfig
+from tiny import tiny_config
+
+DOCUMENT_TOKENS = 3 * 40 + 1
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recall")
+    build(out, RecallSpec(num_keys=64, num_values=8, statements=40), {"train": 3, "validation": 5})
+    return str(out / "validation")
+
+
+def loaded_model(data, **overrides) -> LoadedModel:
+    config = tiny_config(vocab_size=1024, segment_length=16, **overrides)
+    torch.manual_seed(0)
+    chunks = build_model(config)
+    for chunk in chunks:
+        chunk.eval()
+    run = RunConfig(model=config, data=DataConfig(train=data, validation=data))
+    return LoadedModel(Path("runs/x/checkpoints/iter_0000000"), run, chunks, ModelMemories(chunks, config.micro_batch_size))
+
+
+def stream(loaded, data):
+    model = loaded.config.model
+    return DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
+
+
+def test_losses_are_summed_by_position_as_the_logits_give_them(single_rank, data):
+    loaded = loaded_model(data, memory_size=64)
+    result = evaluate(loaded.model_chunks, loaded.memories, stream(loaded, data))
+
+    # Independently: logits of the model itself (not Megatron's schedule), bucketed in Python.
+    loaded.memories.reset(torch.ones(loaded.config.model.memory_slots, dtype=torch.bool))
+    sums = {start: [0.0, 0] for start in POSITION_EDGES}
+    for batch in stream(loaded, data):
+        losses = token_losses(forward_logits(loaded.model_chunks, loaded.memories, batch), batch)
+        loaded.memories.commit()
+        for slot, offset in enumerate(batch.offsets.tolist()):
+            for i in batch.loss_mask[slot].nonzero().flatten().tolist():
+                start = max(e for e in POSITION_EDGES if e <= offset + i)
+                sums[start][0] += losses[slot, i].item()
+                sums[start][1] += 1
+
+    documents = len(open_indexed_dataset(data))
+    assert result.tokens == documents * (DOCUMENT_TOKENS - 1)
+    for start, (loss_sum, tokens) in sums.items():
+        assert result.by_position[start][1] == tokens
+        assert result.by_position[start][0] == pytest.approx(loss_sum, rel=1e-4, abs=1e-4)
+    # Positions 64..119 of each document: the [64, 128) bucket holds 56 tokens per document.
+    assert result.by_position[64][1] == documents * (DOCUMENT_TOKENS - 1 - 64)
+    assert result.perplexity == pytest.approx(math.exp(sum(s for s, _ in sums.values()) / result.tokens), rel=1e-5)
+    rows = result.position_table()
+    assert [start for start, _, _ in rows] == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert all(ppl == pytest.approx(math.exp(sums[start][0] / sums[start][1]), rel=1e-4) for start, ppl, _ in rows)
+
+
+def test_memory_size_at_evaluation_time(single_rank, data):
+    loaded = loaded_model(data, memory_size=32)  # documents have 120 positions
+    results = perplexity_cli.evaluate_conditions(loaded, data, [16, 128, 512])
+    assert list(results) == ["memory 16", "memory 128", "memory 512", "no memory"]
+    assert loaded.memories.knn_layers[0].memory.capacity == 512
+    by_size = {name: r.loss for name, r in results.items()}
+    # A memory that holds every document whole gives the same result at any larger size ...
+    assert by_size["memory 128"] == pytest.approx(by_size["memory 512"], rel=1e-6)
+    # ... one that evicts part of it does not, and neither does no memory at all.
+    assert abs(by_size["memory 16"] - by_size["memory 128"]) > 1e-4
+    assert abs(by_size["no memory"] - by_size["memory 128"]) > 1e-4
+    # The first segment of a document has an empty memory: every condition agrees there.
+    first = {name: r.by_position[8][0] for name, r in results.items()}
+    assert max(first.values()) - min(first.values()) < 1e-3
+
+
+def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
+    state = train_state(data, tmp_path / "run" / "checkpoints", segment_length=16)
+    state.run_config.data.validation = data
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+
+    out = tmp_path / "eval"
+    assert perplexity_cli.main(["--checkpoint", str(saved.parent), "--memory-sizes", "16", "256", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "memory 256" in printed and "no memory" in printed and "perplexity by position" in printed
+
+    report = json.loads((out / "perplexity.json").read_text())
+    assert report["checkpoint"] == str(saved) and report["training_memory_size"] == 40
+    assert set(report["results"]) == {"memory 16", "memory 256", "no memory"}
+    assert report["results"]["no memory"]["change_vs_no_memory"] == 0
+    assert report["results"]["memory 256"]["tokens"] == 5 * (DOCUMENT_TOKENS - 1)
+    assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
