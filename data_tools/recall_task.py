@@ -2,8 +2,14 @@
 
 A document is a program-like list of three-token statements:
 
-    def k317 v05        defines key k317 (new in this document) with a random value
-    get k317 v05        queries a key defined earlier; the value is the answer
+    put v05 k317        stores a random value under key k317 (new in this document)
+    get k317 v05        queries a key stored earlier; the value is the answer
+
+A definition names the value before the key so that the key's token, which a later query
+repeats, can carry the value in its own hidden state (through attention to the previous
+token): memory then finds it by matching the key token itself. In the other order (key, then
+value) the match would have to go through a previous-token feature on both sides, and in our
+measurements a small model did not learn that within the CPU budget (docs/results.md).
 
 Keys and values are drawn afresh for every document, so a value can only be known by reading
 back to its definition. Every key is queried at most once, so the distance from a query to its
@@ -36,7 +42,7 @@ from megatron_memorizing.data.tokenizer import Tokenizer
 from .preprocess import TOKENIZER_FILE, preprocess
 from .train_tokenizer import EXACT_SETTINGS
 
-DEFINE, QUERY = "\ndef", "\nget"
+DEFINE, QUERY = "\nput", "\nget"
 STATEMENT_TOKENS = 3
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # split -> seed offset, so splits never share documents
 
@@ -68,7 +74,7 @@ class RecallSpec:
 
 
 def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(operation, key, value) statements.
+    """(operation, key, value) statements (document_text writes a definition's value first).
 
     Statement i is a query with probability i / statements (definitions early, queries late), and
     it asks for the open key (defined, not yet queried) defined nearest to a time a log-uniform
@@ -97,7 +103,7 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
 
 
 def document_text(statements) -> str:
-    return "".join("".join(statement) for statement in statements)
+    return "".join(op + value + key if op == DEFINE else op + key + value for op, key, value in statements)
 
 
 def generate_split(spec: RecallSpec, documents: int, seed: int) -> list[str]:

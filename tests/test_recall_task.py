@@ -37,7 +37,8 @@ def query_distances(statements) -> list[int]:
             assert op == QUERY and key in defined and key not in queried
             assert defined[key][1] == value, "a query's answer is not its definition's value"
             queried.add(key)
-            distances.append(STATEMENT_TOKENS * (i - defined[key][0]))
+            # from the definition's value (its second token) to the query's (its third)
+            distances.append(STATEMENT_TOKENS * (i - defined[key][0]) + 1)
     return distances
 
 

@@ -1,8 +1,8 @@
 """Accuracy on the long-range recall task (data_tools/recall_task.py) by distance to the answer.
 
 A query `get k317 v05` is answered correctly when the model's most likely next token after
-`get k317` (over the whole vocabulary) is the value given at `def k317` earlier in the document.
-The distance is counted in tokens from that definition's value to the query's value. Beyond
+`get k317` (over the whole vocabulary) is the value stored by `put v05 k317` earlier in the
+document. The distance is counted in tokens from that definition's value to the query's value. Beyond
 the local segment only memory can bring the definition back: without memory the best possible
 accuracy there is chance, 1/num_values.
 
@@ -22,13 +22,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from data_tools.recall_task import DEFINE, QUERY
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, open_indexed_dataset, read_manifest
 from megatron_memorizing.eval.loading import forward_logits, load_checkpoint
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
-
-# The task's words (data_tools is a build-time package; these two must match its DEFINE/QUERY).
-DEFINE, QUERY = "\ndef", "\nget"
 
 
 def find_queries(tokens: np.ndarray, define_id: int, query_id: int) -> list[tuple[int, int]]:
@@ -37,11 +35,11 @@ def find_queries(tokens: np.ndarray, define_id: int, query_id: int) -> list[tupl
     defined: dict[int, int] = {}
     queries = []
     for op in np.flatnonzero((tokens[:-2] == define_id) | (tokens[:-2] == query_id)):
-        key, answer = int(tokens[op + 1]), int(op + 2)
-        if tokens[op] == define_id:
-            defined[key] = answer
-        elif key in defined:
-            queries.append((answer, answer - defined[key]))
+        if tokens[op] == define_id:  # put VALUE KEY
+            defined[int(tokens[op + 2])] = int(op + 1)
+        elif int(tokens[op + 1]) in defined:  # get KEY VALUE
+            answer = int(op + 2)
+            queries.append((answer, answer - defined[int(tokens[op + 1])]))
     return queries
 
 
