@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 train: setup
-	$(VENV)/bin/megatron-memorizing-data build-default
+	$(VENV)/bin/megatron-memorizing-data build
 	$(VENV)/bin/megatron-memorizing-train --config configs/tiny-cpu.yaml
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q

@@ -18,6 +18,9 @@ inside the local segment (local attention can answer them, which teaches the lay
 a curriculum built into every document), many lie tens of segments back, where only memory can
 reach.
 
+With `--format facts` a definition is a single token `k317=v05`: the memory then stores whole
+facts, one per token, and what is learned is retrieval alone.
+
 Documents go through the project's own data pipeline: JSONL, a SentencePiece model in which
 every task word is one piece, then `preprocess` into .bin/.idx with a manifest.
 
@@ -42,23 +45,26 @@ from megatron_memorizing.data.tokenizer import Tokenizer
 from .preprocess import TOKENIZER_FILE, preprocess
 from .train_tokenizer import EXACT_SETTINGS
 
-DEFINE, QUERY = "\nput", "\nget"
-STATEMENT_TOKENS = 3
+DEFINE, QUERY, PASS = "\nput", "\nget", "\npass"
+FORMATS = ("statements", "facts")
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # split -> seed offset, so splits never share documents
 
 
 @dataclass(frozen=True)
 class RecallSpec:
-    num_keys: int = 512  # key vocabulary; a document uses each key at most once
+    num_keys: int = 512  # key vocabulary; a document defines each key at most once
     num_values: int = 32  # value vocabulary: chance accuracy is 1/num_values
     statements: int = 340  # per document: 1020 tokens + end of document
     # Queries reach at most this many statements back (0: to the document's start). A small
     # value makes a warm-up task that local attention alone can solve.
     max_back: int = 0
+    # "statements": a definition is three tokens, `put v05 k317`; "facts": one token, `k317=v05`
+    # (num_keys * num_values more words), so a retrieved token holds the whole fact.
+    format: str = "statements"
 
     def __post_init__(self):
-        if self.num_keys < self.statements:
-            raise ValueError(f"num_keys={self.num_keys} < statements={self.statements}: keys could run out")
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: use one of {FORMATS}")
 
     @property
     def keys(self) -> list[str]:
@@ -70,17 +76,30 @@ class RecallSpec:
 
     @property
     def words(self) -> list[str]:
-        return [DEFINE, QUERY, *self.keys, *self.values]
+        facts = [fact_word(k, v) for k in self.keys for v in self.values] if self.format == "facts" else []
+        return [DEFINE, QUERY, PASS, *self.keys, *self.values, *facts]
+
+    def statement_words(self, op: str, key: str, value: str) -> list[str]:
+        """The tokens of one statement as written in a document."""
+        if op == QUERY:
+            return [QUERY, key, value]
+        if op == PASS:
+            return [PASS]
+        return [fact_word(key, value)] if self.format == "facts" else [DEFINE, value, key]
+
+
+def fact_word(key: str, value: str) -> str:
+    return f"\n{key.strip()}={value.strip()}"
 
 
 def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[str, str, str]]:
-    """(operation, key, value) statements (document_text writes a definition's value first).
+    """(operation, key, value) statements (RecallSpec.statement_words writes them out).
 
     Statement i is a query with probability i / statements (definitions early, queries late), and
     it asks for the open key (defined, not yet queried) defined nearest to a time a log-uniform
     distance back: every scale of distance, from the previous statement to the document's start
     (or to max_back statements), gets about the same share of queries. With no key open within
-    reach, the statement is a definition."""
+    reach, the statement is a definition, or `pass` once every key is defined."""
     keys, values = spec.keys, spec.values
     unused = list(rng.permutation(len(keys)))
     open_keys: dict[int, int] = {}  # key -> statement index of its definition
@@ -94,21 +113,23 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
             key = min(candidates, key=lambda k: abs(open_keys[k] - when))
             del open_keys[key]
             statements.append((QUERY, keys[key], values[answer[key]]))
-        else:
+        elif unused:
             key = unused.pop()
             answer[key] = int(rng.integers(len(values)))
             open_keys[key] = index
             statements.append((DEFINE, keys[key], values[answer[key]]))
+        else:
+            statements.append((PASS, "", ""))
     return statements
 
 
-def document_text(statements) -> str:
-    return "".join(op + value + key if op == DEFINE else op + key + value for op, key, value in statements)
+def document_words(spec: RecallSpec, statements) -> list[str]:
+    return [word for statement in statements for word in spec.statement_words(*statement)]
 
 
 def generate_split(spec: RecallSpec, documents: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
-    return [document_text(generate_document(spec, rng)) for _ in range(documents)]
+    return ["".join(document_words(spec, generate_document(spec, rng))) for _ in range(documents)]
 
 
 def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> Tokenizer:
@@ -133,8 +154,8 @@ def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> Tokenizer:
     with atomic_path(output_model) as tmp:
         tmp.write_bytes(model.getvalue())
     tokenizer = Tokenizer(output_model)
-    check = generate_split(spec, 1, seed=0)[0]
-    if len(tokenizer.encode(check)) != STATEMENT_TOKENS * spec.statements:
+    words = document_words(spec, generate_document(spec, np.random.default_rng(0)))
+    if len(tokenizer.encode("".join(words))) != len(words):
         raise RuntimeError(f"{output_model}: the task words do not encode as one token each")
     return tokenizer
 
@@ -167,21 +188,22 @@ def main(argv=None) -> int:
     parser.add_argument("--num-keys", type=int, default=defaults.num_keys)
     parser.add_argument("--num-values", type=int, default=defaults.num_values)
     parser.add_argument("--statements", type=int, default=defaults.statements,
-                        help=f"statements per document ({STATEMENT_TOKENS} tokens each; default {defaults.statements})")
+                        help=f"statements per document (default {defaults.statements})")
     parser.add_argument("--max-back", type=int, default=0,
                         help="queries reach at most this many statements back (default 0: the whole document)")
+    parser.add_argument("--format", choices=FORMATS, default=defaults.format,
+                        help="statements: `put v05 k317` (default); facts: one token `k317=v05` per definition")
     parser.add_argument("--train-documents", type=int, default=4000)
     parser.add_argument("--validation-documents", type=int, default=64)
     parser.add_argument("--test-documents", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing datasets in OUT")
     args = parser.parse_args(argv)
-    spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back)
+    spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back, args.format)
     documents = {"train": args.train_documents, "validation": args.validation_documents, "test": args.test_documents}
     build(args.out, spec, documents, args.seed, args.force)
     tokenizer = Tokenizer(args.out / TOKENIZER_FILE)
-    print(f"{args.out}: {documents} documents of {STATEMENT_TOKENS * spec.statements + 1} tokens, "
-          f"vocabulary {tokenizer.vocab_size}")
+    print(f"{args.out}: {documents} documents, vocabulary {tokenizer.vocab_size}")
     return 0
 
 

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.recall_task import DEFINE, QUERY, STATEMENT_TOKENS, RecallSpec, build, generate_document, generate_split
+from data_tools.recall_task import DEFINE, QUERY, RecallSpec, build, document_words, generate_document, generate_split
 from megatron_memorizing.data import DocumentStream, Tokenizer, open_indexed_dataset
 from megatron_memorizing.eval import recall
-from megatron_memorizing.eval.recall import distance_bucket, find_queries, recall_accuracy, task_ids
+from megatron_memorizing.eval.recall import distance_bucket, find_queries, recall_accuracy, task_tokens
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from tiny import tiny_config
 
 SMALL = RecallSpec(num_keys=64, num_values=8, statements=40)
+FACTS = RecallSpec(num_keys=48, num_values=4, statements=40, format="facts")
 
 
 @pytest.fixture(scope="module")
@@ -26,19 +27,20 @@ def recall_data(tmp_path_factory):
     return out
 
 
-def query_distances(statements) -> list[int]:
-    """Tokens from each query's value back to its definition's value, checking the answer."""
-    defined, queried, distances = {}, set(), []
-    for i, (op, key, value) in enumerate(statements):
-        if op == DEFINE:
-            assert key not in defined, "a key is defined twice in one document"
-            defined[key] = (i, value)
-        else:
-            assert op == QUERY and key in defined and key not in queried
+def query_distances(spec, statements) -> list[int]:
+    """Tokens from each query's answer back to its definition's value, checking the answer."""
+    defined, queried, distances, position = {}, set(), [], 0
+    for op, key, value in statements:
+        words = spec.statement_words(op, key, value)
+        if op == QUERY:
+            assert key in defined and key not in queried
             assert defined[key][1] == value, "a query's answer is not its definition's value"
             queried.add(key)
-            # from the definition's value (its second token) to the query's (its third)
-            distances.append(STATEMENT_TOKENS * (i - defined[key][0]) + 1)
+            distances.append(position + 2 - defined[key][0])
+        else:
+            assert key not in defined, "a key is defined twice in one document"
+            defined[key] = (position + words.index(value) if value in words else position, value)
+        position += len(words)
     return distances
 
 
@@ -50,7 +52,7 @@ def test_documents_are_deterministic_per_seed():
 def test_answers_are_defined_earlier_and_many_lie_far_beyond_a_segment():
     rng = np.random.default_rng(0)
     spec = RecallSpec()  # the shipped task: 1020-token documents, read in segments of 32
-    distances = np.array([d for _ in range(50) for d in query_distances(generate_document(spec, rng))])
+    distances = np.array([d for _ in range(50) for d in query_distances(spec, generate_document(spec, rng))])
     segment = 32
     assert len(distances) > 50 * spec.statements // 3  # about half the statements are queries
     assert (distances < segment).mean() > 0.2  # inside the local segment: the curriculum
@@ -58,19 +60,22 @@ def test_answers_are_defined_earlier_and_many_lie_far_beyond_a_segment():
     assert distances.max() >= 24 * segment
 
 
-def test_the_pipeline_keeps_one_token_per_word_and_the_distances(recall_data):
-    tokenizer = Tokenizer(recall_data / "tokenizer.model")
-    documents = open_indexed_dataset(recall_data / "validation")
-    texts = generate_split(SMALL, 3, seed=1)  # the validation split's seed (build's seed 0)
-    define_id, query_id, num_values = task_ids(str(recall_data / "validation"))
-    assert num_values == SMALL.num_values
-    rng = np.random.default_rng(1)
-    for d, text in enumerate(texts):
+@pytest.mark.parametrize("spec", [SMALL, FACTS], ids=["statements", "facts"])
+def test_the_pipeline_keeps_one_token_per_word_and_the_distances(tmp_path, spec):
+    build(tmp_path, spec, {"validation": 3})
+    tokenizer = Tokenizer(tmp_path / "tokenizer.model")
+    documents = open_indexed_dataset(tmp_path / "validation")
+    task = task_tokens(str(tmp_path / "validation"))
+    assert task.num_values == spec.num_values
+    assert len(task.facts) == (spec.num_keys * spec.num_values if spec.format == "facts" else 0)
+    rng = np.random.default_rng(1)  # the validation split's seed (build's seed 0)
+    for d in range(3):
+        statements = generate_document(spec, rng)
+        words = document_words(spec, statements)
         tokens = documents.read(d, 0, int(documents.length[d]))
-        assert len(tokens) == STATEMENT_TOKENS * SMALL.statements + 1  # + end of document
-        assert tokens[-1] == tokenizer.eod_id and tokenizer.decode(tokens[:-1]) == text
-        statements = generate_document(SMALL, rng)
-        assert [dist for _, dist in find_queries(tokens, define_id, query_id)] == query_distances(statements)
+        assert len(tokens) == len(words) + 1 and tokens[-1] == tokenizer.eod_id  # one token per word
+        assert tokenizer.decode(tokens[:-1]) == "".join(words)
+        assert [dist for _, dist in find_queries(tokens, task)] == query_distances(spec, statements)
 
 
 def test_distance_buckets_are_whole_segment_octaves():
@@ -83,12 +88,12 @@ def test_recall_accuracy_scores_every_query_once(single_rank, recall_data):
     config = tiny_config(vocab_size=1024, segment_length=16, memory_size=64)
     torch.manual_seed(0)
     chunks = build_model(config)
-    define_id, query_id, num_values = task_ids(prefix)
+    task = task_tokens(prefix)
     stream = DocumentStream(prefix, config.memory_slots, config.segment_length, loop=False)
-    result = recall_accuracy(chunks, ModelMemories(chunks, config.micro_batch_size), stream, define_id, query_id)
+    result = recall_accuracy(chunks, ModelMemories(chunks, config.micro_batch_size), stream, task)
 
     documents = open_indexed_dataset(prefix)
     expected = [dist for d in range(len(documents))
-                for _, dist in find_queries(documents.read(d, 0, int(documents.length[d])), define_id, query_id)]
+                for _, dist in find_queries(documents.read(d, 0, int(documents.length[d])), task)]
     assert {bucket: row[1] for bucket, row in result.buckets.items()} == Counter(distance_bucket(d, 16) for d in expected)
     assert all(0 <= r["accuracy"] <= 1 and 0 < r["mean_probability"] < 1 for r in result.rows())

@@ -22,24 +22,50 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_tools.recall_task import DEFINE, QUERY
+from data_tools.recall_task import DEFINE, QUERY, RecallSpec, fact_word
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, open_indexed_dataset, read_manifest
 from megatron_memorizing.eval.loading import forward_logits, load_checkpoint
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
 
 
-def find_queries(tokens: np.ndarray, define_id: int, query_id: int) -> list[tuple[int, int]]:
-    """(position of the answer token, distance back to the definition's value) for every query of
-    a document whose key was defined earlier in it."""
-    defined: dict[int, int] = {}
+@dataclass(frozen=True)
+class TaskTokens:
+    """Token ids of a recall-task dataset's words."""
+
+    define: int
+    query: int
+    facts: dict  # fact token id -> key id (the "facts" format; empty otherwise)
+    num_values: int
+
+
+def task_tokens(data_prefix: str) -> TaskTokens:
+    spec = RecallSpec(**json.loads((Path(data_prefix).parent / "recall.json").read_text())["spec"])
+    tokenizer = Tokenizer(dataset_tokenizer_path(data_prefix, read_manifest(data_prefix)))
+
+    def one(word: str) -> int:
+        ids = tokenizer.encode(word)
+        if len(ids) != 1:
+            raise ValueError(f"{data_prefix} was not made by data_tools.recall_task: its tokenizer splits {word!r}")
+        return ids[0]
+
+    facts = {one(fact_word(k, v)): one(k) for k in spec.keys for v in spec.values} if spec.format == "facts" else {}
+    return TaskTokens(one(DEFINE), one(QUERY), facts, spec.num_values)
+
+
+def find_queries(tokens: np.ndarray, task: TaskTokens) -> list[tuple[int, int]]:
+    """(position of the answer token, distance back to where the fact was defined) for every query
+    of a document whose key was defined earlier in it."""
+    tokens = tokens.tolist()
+    defined: dict[int, int] = {}  # key -> position of the definition's value (or fact token)
     queries = []
-    for op in np.flatnonzero((tokens[:-2] == define_id) | (tokens[:-2] == query_id)):
-        if tokens[op] == define_id:  # put VALUE KEY
-            defined[int(tokens[op + 2])] = int(op + 1)
-        elif int(tokens[op + 1]) in defined:  # get KEY VALUE
-            answer = int(op + 2)
-            queries.append((answer, answer - defined[int(tokens[op + 1])]))
+    for i, token in enumerate(tokens[:-2]):
+        if token == task.define:  # put VALUE KEY
+            defined[tokens[i + 2]] = i + 1
+        elif token in task.facts:  # KEY=VALUE
+            defined[task.facts[token]] = i
+        elif token == task.query and tokens[i + 1] in defined:  # get KEY VALUE
+            queries.append((i + 2, i + 2 - defined[tokens[i + 1]]))
     return queries
 
 
@@ -88,8 +114,7 @@ def recall_accuracy(
     model_chunks: list[torch.nn.Module],
     memories: ModelMemories,
     stream: DocumentStream,
-    define_id: int,
-    query_id: int,
+    task: TaskTokens,
     max_steps: Optional[int] = None,
 ) -> RecallAccuracy:
     """Stream `stream` (loop=False) through a single-process model, scoring every query."""
@@ -107,7 +132,7 @@ def recall_accuracy(
                 continue
             if document not in queries:
                 tokens = documents.read(document, 0, int(documents.length[document]))
-                queries[document] = find_queries(tokens, define_id, query_id)
+                queries[document] = find_queries(tokens, task)
             for answer, distance in queries[document]:
                 # the answer is the label of input position answer - 1
                 i = answer - 1 - offset
@@ -115,17 +140,6 @@ def recall_accuracy(
                     label = int(batch.labels[slot, i])
                     result.add(distance, int(predicted[slot, i]) == label, float(probabilities[slot, i, label]))
     return result
-
-
-def task_ids(data_prefix: str) -> tuple[int, int, int]:
-    """(define id, query id, number of values) of a recall-task dataset."""
-    directory = Path(data_prefix).parent
-    tokenizer = Tokenizer(dataset_tokenizer_path(data_prefix, read_manifest(data_prefix)))
-    spec = json.loads((directory / "recall.json").read_text())["spec"]
-    ids = [tokenizer.encode(word) for word in (DEFINE, QUERY)]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"{data_prefix} was not made by data_tools.recall_task: its tokenizer splits the task words")
-    return ids[0][0], ids[1][0], spec["num_values"]
 
 
 def plot(results: dict[str, RecallAccuracy], chance: float, path: Path, title: str) -> Path:
@@ -160,7 +174,7 @@ def main(argv=None) -> int:
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
     model = loaded.config.model
     data = args.data or loaded.config.data.validation
-    define_id, query_id, num_values = task_ids(data)
+    task = task_tokens(data)
     if model.memory_layers:
         conditions = {"with memory": contextlib.nullcontext, "memory disabled": loaded.memories.disabled}
     else:
@@ -169,7 +183,7 @@ def main(argv=None) -> int:
     for name, condition in conditions.items():
         stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
         with condition():
-            results[name] = recall_accuracy(loaded.model_chunks, loaded.memories, stream, define_id, query_id, args.max_steps)
+            results[name] = recall_accuracy(loaded.model_chunks, loaded.memories, stream, task, args.max_steps)
 
     names = list(results)
     rows = [
@@ -178,18 +192,18 @@ def main(argv=None) -> int:
         for i, r in enumerate(results[names[0]].rows())
     ]
     rows.append(["all", "", sum(r[2] for r in rows), *(f"{100 * results[n].accuracy():.1f}" for n in names)])
-    print(f"{loaded.path} on {data}: recall accuracy (%) by distance; chance {100 / num_values:.1f}%")
+    print(f"{loaded.path} on {data}: recall accuracy (%) by distance; chance {100 / task.num_values:.1f}%")
     print(table(["tokens back", "segments back", "queries", *names], rows))
 
     out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
     summary = dict(
         checkpoint=str(loaded.path), step=loaded.step, data=data, segment_length=model.segment_length,
-        memory_size=model.memory_size, chance=1 / num_values,
+        memory_size=model.memory_size, chance=1 / task.num_values,
         results={n: dict(accuracy=r.accuracy(), by_distance=r.rows()) for n, r in results.items()},
     )
     print(f"wrote {write_json(out / 'recall.json', summary)}")
     title = f"recall by distance, {loaded.path.parent.parent.name} step {loaded.step} (segment {model.segment_length})"
-    print(f"wrote {plot(results, 1 / num_values, out / 'recall.png', title)}")
+    print(f"wrote {plot(results, 1 / task.num_values, out / 'recall.png', title)}")
     return 0
 
 
