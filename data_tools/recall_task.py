@@ -46,7 +46,7 @@ from .preprocess import TOKENIZER_FILE, preprocess
 from .train_tokenizer import EXACT_SETTINGS
 
 DEFINE, QUERY, PASS = "\nput", "\nget", "\npass"
-FORMATS = ("statements", "facts")
+FORMATS = ("statements", "echo", "facts")
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # split -> seed offset, so splits never share documents
 
 
@@ -54,12 +54,16 @@ SPLITS = {"train": 0, "validation": 1, "test": 2}  # split -> seed offset, so sp
 class RecallSpec:
     num_keys: int = 512  # key vocabulary; a document defines each key at most once
     num_values: int = 32  # value vocabulary: chance accuracy is 1/num_values
-    statements: int = 340  # per document: 1020 tokens + end of document
+    # Statements per document, on average: each document draws its count uniformly from
+    # [statements/2, 3*statements/2], so that slots streaming side by side drift out of phase
+    # (with equal lengths every slot of a batch would be defining, or querying, at once).
+    statements: int = 340
     # Queries reach at most this many statements back (0: to the document's start). A small
     # value makes a warm-up task that local attention alone can solve.
     max_back: int = 0
-    # "statements": a definition is three tokens, `put v05 k317`; "facts": one token, `k317=v05`
-    # (num_keys * num_values more words), so a retrieved token holds the whole fact.
+    # How a definition is written: "statements": `put v05 k317`; "echo": `put v05 k317 v05`, whose
+    # last token, predictable from the one before the key, rewards a previous-token feature early
+    # in training; "facts": one token `k317=v05` (num_keys * num_values more words).
     format: str = "statements"
 
     def __post_init__(self):
@@ -85,7 +89,9 @@ class RecallSpec:
             return [QUERY, key, value]
         if op == PASS:
             return [PASS]
-        return [fact_word(key, value)] if self.format == "facts" else [DEFINE, value, key]
+        if self.format == "facts":
+            return [fact_word(key, value)]
+        return [DEFINE, value, key, value] if self.format == "echo" else [DEFINE, value, key]
 
 
 def fact_word(key: str, value: str) -> str:
@@ -105,10 +111,11 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
     open_keys: dict[int, int] = {}  # key -> statement index of its definition
     answer: dict[int, int] = {}
     statements = []
-    for index in range(spec.statements):
+    count = int(rng.integers(spec.statements // 2, spec.statements * 3 // 2 + 1))
+    for index in range(count):
         reach = min(index, spec.max_back) if spec.max_back else index
         candidates = [k for k, defined in open_keys.items() if defined >= index - reach]
-        if candidates and rng.random() < index / spec.statements:
+        if candidates and rng.random() < index / count:
             when = index - math.exp(rng.uniform(0, math.log(reach + 1)))
             key = min(candidates, key=lambda k: abs(open_keys[k] - when))
             del open_keys[key]
@@ -192,7 +199,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-back", type=int, default=0,
                         help="queries reach at most this many statements back (default 0: the whole document)")
     parser.add_argument("--format", choices=FORMATS, default=defaults.format,
-                        help="statements: `put v05 k317` (default); facts: one token `k317=v05` per definition")
+                        help="how definitions are written: statements `put v05 k317` (default), echo "
+                             "`put v05 k317 v05`, facts `k317=v05` (one token)")
     parser.add_argument("--train-documents", type=int, default=4000)
     parser.add_argument("--validation-documents", type=int, default=64)
     parser.add_argument("--test-documents", type=int, default=64)

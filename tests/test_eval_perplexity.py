@@ -21,7 +21,6 @@ from megatron_memorizing.training.checkpoint import Checkpointer
 from megatron_memorizing.training.config import DataConfig, RunConfig
 from tiny import tiny_config
 
-DOCUMENT_TOKENS = 3 * 40 + 1
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +61,30 @@ def test_losses_are_summed_by_position_as_the_logits_give_them(single_rank, data
                 sums[start][0] += losses[slot, i].item()
                 sums[start][1] += 1
 
-    documents = len(open_indexed_dataset(data))
-    assert result.tokens == documents * (DOCUMENT_TOKENS - 1)
+    labels = open_indexed_dataset(data).length - 1  # a document of n tokens has n - 1 positions
+    assert result.tokens == labels.sum()
     for start, (loss_sum, tokens) in sums.items():
         assert result.by_position[start][1] == tokens
         assert result.by_position[start][0] == pytest.approx(loss_sum, rel=1e-4, abs=1e-4)
-    # Positions 64..119 of each document: the [64, 128) bucket holds 56 tokens per document.
-    assert result.by_position[64][1] == documents * (DOCUMENT_TOKENS - 1 - 64)
+    assert result.by_position[64][1] == sum(max(0, min(128, n) - 64) for n in labels)
     assert result.perplexity == pytest.approx(math.exp(sum(s for s, _ in sums.values()) / result.tokens), rel=1e-5)
     rows = result.position_table()
-    assert [start for start, _, _ in rows] == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert [start for start, _, _ in rows] == [s for s in POSITION_EDGES if s < labels.max()]
     assert all(ppl == pytest.approx(math.exp(sums[start][0] / sums[start][1]), rel=1e-4) for start, ppl, _ in rows)
 
 
 def test_memory_size_at_evaluation_time(single_rank, data):
-    loaded = loaded_model(data, memory_size=32)  # documents have 120 positions
-    results = perplexity_cli.evaluate_conditions(loaded, data, [16, 128, 512])
-    assert list(results) == ["memory 16", "memory 128", "memory 512", "no memory"]
+    loaded = loaded_model(data, memory_size=32)
+    assert open_indexed_dataset(data).length.max() < 256
+    results = perplexity_cli.evaluate_conditions(loaded, data, [16, 256, 512])
+    assert list(results) == ["memory 16", "memory 256", "memory 512", "no memory"]
     assert loaded.memories.knn_layers[0].memory.capacity == 512
     by_size = {name: r.loss for name, r in results.items()}
     # A memory that holds every document whole gives the same result at any larger size ...
-    assert by_size["memory 128"] == pytest.approx(by_size["memory 512"], rel=1e-6)
+    assert by_size["memory 256"] == pytest.approx(by_size["memory 512"], rel=1e-6)
     # ... one that evicts part of it does not, and neither does no memory at all.
-    assert abs(by_size["memory 16"] - by_size["memory 128"]) > 1e-4
-    assert abs(by_size["no memory"] - by_size["memory 128"]) > 1e-4
+    assert abs(by_size["memory 16"] - by_size["memory 256"]) > 1e-4
+    assert abs(by_size["no memory"] - by_size["memory 256"]) > 1e-4
     # The first segment of a document has an empty memory: every condition agrees there.
     first = {name: r.by_position[8][0] for name, r in results.items()}
     assert max(first.values()) - min(first.values()) < 1e-3
@@ -105,5 +104,5 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     assert report["checkpoint"] == str(saved) and report["training_memory_size"] == 40
     assert set(report["results"]) == {"memory 16", "memory 256", "no memory"}
     assert report["results"]["no memory"]["change_vs_no_memory"] == 0
-    assert report["results"]["memory 256"]["tokens"] == 5 * (DOCUMENT_TOKENS - 1)
+    assert report["results"]["memory 256"]["tokens"] == (open_indexed_dataset(data).length - 1).sum()
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
