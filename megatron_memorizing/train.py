@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
-from megatron_memorizing.config import ConfigError
-from megatron_memorizing.training.config import RunConfig
+# Megatron-Core warns at import about every fused kernel it cannot find; on CPU that is all of them.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+
+from megatron_memorizing.config import ConfigError  # noqa: E402
+from megatron_memorizing.training.config import RunConfig  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,11 +42,14 @@ def main(argv=None) -> int:
         print(f"megatron-memorizing-train: bad config: {error}", file=sys.stderr)
         return 2
 
-    from megatron_memorizing.training.trainer import Trainer  # heavy imports only once the config is good
+    from megatron_memorizing.training.trainer import NonFiniteLossError, Trainer  # heavy imports: config is good
 
     trainer = Trainer(config)
     try:
         result = trainer.fit()
+    except NonFiniteLossError as error:
+        print(f"megatron-memorizing-train: {error}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     if trainer.logger.is_writer:

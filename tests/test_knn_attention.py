@@ -155,3 +155,22 @@ def test_xl_cache_sees_the_previous_segment(single_rank):
     assert xl[0] == pytest.approx(plain[0], abs=1e-6)  # empty cache: same as no cache
     assert xl[1] != pytest.approx(plain[1], abs=1e-6)
     assert [name.split(".")[1] for name, _ in memories.named_memories()] == ["xl_cache"] * 4
+
+
+def test_growing_the_memory_keeps_its_contents_and_what_they_retrieve(single_rank):
+    """A memory curriculum step (small, then large) changes nothing the model already remembers."""
+    config = tiny_config(memory_size=24)
+    batches = document_batches(steps=4, slots=config.memory_slots, length=16, vocab=128, boundaries=())
+    chunks, memories = built(config)
+    run_steps(chunks, memories, batches[:3])  # 48 pairs written into 24 places: the ring wrapped
+    memory = memories.knn_layers[0].memory
+    keys_before, values_before, _ = memory.contents()
+
+    memories.resize(64)
+    loss_after_growing = run_steps(chunks, memories, batches[3:])
+    keys, values, valid = memory.contents()  # oldest first, right-aligned: the 24 old pairs, then 16 new
+    assert memory.capacity == 64 and valid.sum(dim=1).tolist() == [40] * config.memory_slots
+    assert torch.equal(keys[:, :, -40:-16], keys_before) and torch.equal(values[:, :, -40:-16], values_before)
+
+    # The step after growing searched exactly the pairs it would have searched without growing.
+    assert loss_after_growing == run_steps(*built(config), batches)[3:]

@@ -47,16 +47,21 @@ def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int],
     return results
 
 
+def bucket_end(start: int) -> int:
+    """The first position after the bucket starting at `start` (the last bucket: twice its start)."""
+    i = POSITION_EDGES.index(start) + 1
+    return POSITION_EDGES[i] if i < len(POSITION_EDGES) else 2 * start
+
+
 def position_rows(results: dict[str, Perplexity]) -> list[list[str]]:
     """Rows 'positions | tokens | perplexity per condition' for buckets with tokens."""
     names = list(results)
     starts = sorted(start for start, (_, n) in results[names[0]].by_position.items() if n > 0)
     rows = []
     for start in starts:
-        end = POSITION_EDGES[POSITION_EDGES.index(start) + 1] if start != POSITION_EDGES[-1] else None
         tokens = results[names[0]].by_position[start][1]
         cells = [f"{math.exp(s / n):.3f}" for s, n in (results[name].by_position[start] for name in names)]
-        rows.append([f"{start}-{end - 1 if end else ''}", f"{tokens:,.0f}", *cells])
+        rows.append([f"{start}-{bucket_end(start) - 1}", f"{tokens:,.0f}", *cells])
     return rows
 
 
@@ -85,10 +90,12 @@ def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
     figure, axes = new_figure()
     for name, result in results.items():
         rows = result.position_table()
-        axes.plot([max(start, 1) for start, _, _ in rows], [ppl for _, ppl, _ in rows], marker="o",
+        # Buckets [0, 1), [1, 2), [2, 4), ...: plotted at their end, which a log axis can show.
+        axes.plot([bucket_end(start) for start, _, _ in rows], [ppl for _, ppl, _ in rows], marker="o",
                   label=name, linestyle="--" if name == NO_MEMORY else "-")
     axes.set_xscale("log", base=2)
-    axes.set_xlabel("position in the document (tokens, bucket start)")
+    axes.set_yscale("log")
+    axes.set_xlabel("position in the document (tokens, bucket end)")
     axes.set_ylabel("perplexity")
     axes.set_title(title)
     axes.legend()

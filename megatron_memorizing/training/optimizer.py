@@ -73,6 +73,8 @@ class OptimizerBackend(Protocol):
 
     def load(self, directory: Path) -> None: ...
 
+    def close(self) -> None: ...  # collective: finish what a step left open, before the process group ends
+
 
 def build_optimizer(run_config: RunConfig, model_chunks: list[GPTModel]) -> OptimizerBackend:
     """The backend `run_config.optimizer.backend` names, over this rank's model chunks.
@@ -139,6 +141,13 @@ class DeepSpeedBackend:
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         return StepResult(grad_norm=float(grad_norm), skipped=not self.engine.was_step_applied())
+
+    def close(self) -> None:
+        # A run stopped between zero_grad() and step() (a non-finite loss) leaves the reduction
+        # block open; closing it later, after the process group is gone, would fail.
+        if self._open_reduction is not None:
+            self._open_reduction.close()
+            self._open_reduction = None
 
     def save(self, directory: Path) -> None:
         # Also writes the module weights (DeepSpeed always does); `load` only checks them.
@@ -247,6 +256,9 @@ class MegatronBackend:
         # step; without it every group would keep the full weight decay it was built with.
         for group in self.optimizer.param_groups:
             group["weight_decay"] = opt.weight_decay * group.get("wd_mult", 1.0)
+
+    def close(self) -> None:
+        pass  # nothing is left open between steps
 
     def zero_grad(self) -> None:
         for chunk in self.model_chunks:

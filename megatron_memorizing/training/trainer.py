@@ -145,4 +145,5 @@ class Trainer:
         self.logger.message(f"{name}: perplexity {result.perplexity:.3f} over {result.tokens:,.0f} tokens")
 
     def close(self) -> None:
+        self.optimizer.close()
         destroy_distributed()

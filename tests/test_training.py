@@ -1,0 +1,74 @@
+"""The training entry point end to end, as users launch it (subprocesses on CPU ranks)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.data_corpus import VOCAB, build_small_data
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_small_data(tmp_path_factory.mktemp("training_data"))
+
+
+def overrides(data, run: Path, *extra: str) -> list[str]:
+    fields = [
+        f"data.train={data.prefix('train')}",
+        f"data.validation={data.prefix('validation')}",
+        f"model.vocab_size={VOCAB}",
+        "model.num_layers=2",
+        "model.memory_layers=[2]",
+        "model.hidden_size=64",
+        "model.segment_length=64",
+        "model.memory_size=256",
+        "training.eval_segments=2",
+        f"checkpoint.dir={run / 'checkpoints'}",
+        "checkpoint.interval=2",
+        f"logging.dir={run}",
+        "logging.interval=1",
+        *extra,
+    ]
+    return [arg for field in fields for arg in ("--set", field)]
+
+
+def launch(command: list[str], **env: str) -> subprocess.CompletedProcess:
+    # The launchers start `python` and `deepspeed` from PATH: make them this environment's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(
+        command, cwd=REPO, env={**os.environ, "PATH": path, **env},
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+
+
+def test_deepspeed_launcher_trains_on_two_cpu_ranks(data, tmp_path):
+    done = launch(
+        ["bash", "launch_scripts/local_cpu.sh", "configs/tiny-cpu.yaml", *overrides(data, tmp_path, "training.steps=3")],
+        LAUNCHER="deepspeed", NPROC="2",
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained 3 steps" in done.stdout
+    assert "validation perplexity with memory" in done.stdout
+    assert "validation perplexity memory disabled" in done.stdout
+    assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert (tmp_path / "checkpoints" / "iter_0000003" / "config.yaml").exists()
+    assert list(tmp_path.glob("events.out.tfevents.*")), "no tensorboard event file"
+
+
+def test_non_finite_loss_stops_before_the_update_naming_step_and_checkpoint(data, tmp_path):
+    exploding = ["training.steps=6", "optimizer.lr=1e6", "optimizer.warmup_steps=0", "optimizer.clip_grad=0", "checkpoint.interval=1"]
+    done = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                   *overrides(data, tmp_path, *exploding)])
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert "the loss is nan" in message or "the loss is inf" in message
+    step = int(message.split("step ")[1].split(":")[0])
+    last_good = tmp_path / "checkpoints" / f"iter_{step - 1:07d}"
+    assert f"The last good checkpoint is {last_good}" in message
+    assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(step - 1)
