@@ -26,7 +26,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_memorizing.memory import KNNMemory
-from megatron_memorizing.segment_attention import SegmentAttention, _as_memory_layout, state_device
+from megatron_memorizing.segment_attention import SegmentAttention, as_memory_layout, state_device
 
 
 class KNNAttention(SegmentAttention):
@@ -110,7 +110,7 @@ class KNNAttention(SegmentAttention):
         gate = self.gate[None, :, None, None] * has_memory  # [b, h, q, 1]
         mixed = from_memory * gate + local.view(s, b, h, d).permute(1, 2, 0, 3).float() * (1 - gate)
 
-        self.memory.stage(self.slots, *_as_memory_layout(keys, value))
+        self.memory.stage(self.slots, *as_memory_layout(keys, value))
         return mixed.permute(2, 0, 1, 3).reshape(s, b, h * d).to(local.dtype)
 
     @torch.no_grad()

@@ -129,7 +129,7 @@ class SegmentAttention(MegatronModule):
             attn_mask_type=AttnMaskType.arbitrary,
             **kwargs,
         )
-        self.xl_cache.stage(self.slots, *_as_memory_layout(self.unrotated(key), value))
+        self.xl_cache.stage(self.slots, *as_memory_layout(self.unrotated(key), value))
         return output
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
@@ -143,6 +143,6 @@ class SegmentAttention(MegatronModule):
         )
 
 
-def _as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """[s, b, h, d] activations -> detached [b, h, s, d] memory entries (memory is not differentiable)."""
     return tuple(t.detach().permute(1, 2, 0, 3) for t in tensors)
