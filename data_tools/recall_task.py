@@ -1,15 +1,17 @@
 """A synthetic long-document recall task: facts defined early, queried many segments later.
 
-A document is a program-like list of three-token statements:
+A document is a program-like list of statements:
 
-    put v05 k317        stores a random value under key k317 (new in this document)
+    put v05 k317 v05    stores a random value under key k317 (new in this document)
     get k317 v05        queries a key stored earlier; the value is the answer
+    pass                filler, once every key of the vocabulary is used
 
-A definition names the value before the key so that the key's token, which a later query
-repeats, can carry the value in its own hidden state (through attention to the previous
-token): memory then finds it by matching the key token itself. In the other order (key, then
-value) the match would have to go through a previous-token feature on both sides, and in our
-measurements a small model did not learn that within the CPU budget (docs/results.md).
+How a definition is written is the `format` (docs/results.md compares them):
+- "echo", `put v05 k317 v05`: the repeated value is predictable from the token before the key, so
+  a previous-token feature pays off at once; the key token then carries its value, and a query
+  finds the fact by its key token. The only format a small model learned within the CPU budget.
+- "statements", `put v05 k317`: the same lookup without that early reward.
+- "facts", one token `k317=v05`: no composition at all, but one embedding to learn per fact.
 
 Keys and values are drawn afresh for every document, so a value can only be known by reading
 back to its definition. Every key is queried at most once, so the distance from a query to its
@@ -17,9 +19,6 @@ answer is the distance to the definition, spread log-uniformly over the document
 inside the local segment (local attention can answer them, which teaches the layer the lookup:
 a curriculum built into every document), many lie tens of segments back, where only memory can
 reach.
-
-With `--format facts` a definition is a single token `k317=v05`: the memory then stores whole
-facts, one per token, and what is learned is retrieval alone.
 
 Documents go through the project's own data pipeline: JSONL, a SentencePiece model in which
 every task word is one piece, then `preprocess` into .bin/.idx with a manifest.

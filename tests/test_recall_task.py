@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.recall_task import DEFINE, QUERY, RecallSpec, build, document_words, generate_document, generate_split
+from data_tools.recall_task import PASS, QUERY, RecallSpec, build, document_words, generate_document, generate_split
 from megatron_memorizing.data import DocumentStream, Tokenizer, open_indexed_dataset
 from megatron_memorizing.eval import recall
 from megatron_memorizing.eval.recall import distance_bucket, find_queries, recall_accuracy, task_tokens
@@ -17,7 +17,7 @@ from megatron_memorizing.model import build_model
 from tiny import tiny_config
 
 SMALL = RecallSpec(num_keys=64, num_values=8, statements=40)
-FACTS = RecallSpec(num_keys=48, num_values=4, statements=40, format="facts")
+FACTS = RecallSpec(num_keys=24, num_values=4, statements=40, format="facts")  # `pass` once 24 keys are used
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,9 @@ def query_distances(spec, statements) -> list[int]:
     defined, queried, distances, position = {}, set(), [], 0
     for op, key, value in statements:
         words = spec.statement_words(op, key, value)
-        if op == QUERY:
+        if op == PASS:
+            assert words == [PASS] and len(defined) == spec.num_keys  # filler only once keys run out
+        elif op == QUERY:
             assert key in defined and key not in queried
             assert defined[key][1] == value, "a query's answer is not its definition's value"
             queried.add(key)
@@ -69,6 +71,7 @@ def test_the_pipeline_keeps_one_token_per_word_and_the_distances(tmp_path, spec)
     assert task.num_values == spec.num_values
     assert len(task.facts) == (spec.num_keys * spec.num_values if spec.format == "facts" else 0)
     rng = np.random.default_rng(1)  # the validation split's seed (build's seed 0)
+    passes = []
     for d in range(3):
         statements = generate_document(spec, rng)
         words = document_words(spec, statements)
@@ -76,6 +79,8 @@ def test_the_pipeline_keeps_one_token_per_word_and_the_distances(tmp_path, spec)
         assert len(tokens) == len(words) + 1 and tokens[-1] == tokenizer.eod_id  # one token per word
         assert tokenizer.decode(tokens[:-1]) == "".join(words)
         assert [dist for _, dist in find_queries(tokens, task)] == query_distances(spec, statements)
+        passes.append(words.count(PASS))
+    assert (sum(passes) > 0) == (spec is FACTS)  # the small key set runs out: filler appears
 
 
 def test_distance_buckets_are_whole_segment_octaves():

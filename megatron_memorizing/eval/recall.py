@@ -92,9 +92,9 @@ class RecallAccuracy:
         row[1] += 1
         row[2] += probability
 
-    def accuracy(self, bucket: Optional[int] = None) -> float:
-        rows = self.buckets.values() if bucket is None else [self.buckets.get(bucket, [0, 0, 0.0])]
-        correct, total = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    def accuracy(self) -> float:
+        """Over all queries."""
+        correct, total = (sum(row[i] for row in self.buckets.values()) for i in (0, 1))
         return correct / total if total else float("nan")
 
     def rows(self) -> list[dict]:
