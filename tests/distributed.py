@@ -35,6 +35,11 @@ class TorchrunError(RuntimeError):
     pass
 
 
+def environment_without_launcher() -> Dict[str, str]:
+    """This process's environment minus the variables a launcher sets for its workers."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+
+
 def run_torchrun(
     script: Path,
     nproc: int,
@@ -61,7 +66,7 @@ def run_torchrun(
             str(result_path),
         ]
         launch_env = {
-            **{k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV},
+            **environment_without_launcher(),
             "OMP_NUM_THREADS": "1",
             "PYTHONPATH": os.pathsep.join(
                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])

@@ -21,7 +21,7 @@ from megatron.core import dist_checkpointing
 from safetensors.torch import load_file
 
 from data_tools.train_tokenizer import EXACT_SETTINGS
-from distributed import SCRIPTS, run_torchrun
+from distributed import SCRIPTS, environment_without_launcher, run_torchrun
 from megatron_memorizing.hf.convert import TRACKER, ExportError, export
 from megatron_memorizing.hf.convert import main as convert_main
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
@@ -183,7 +183,7 @@ def test_loads_and_generates_in_a_fresh_process_from_the_export_alone(checkpoint
     run, model = checkpoint
     out = tmp_path / "hf"
     # A process of its own: not a rank of the test process's (single-process) group.
-    own_group = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    own_group = environment_without_launcher()
     cli = subprocess.run(
         [sys.executable, "-m", "megatron_memorizing.hf.convert", "--checkpoint", str(run), "--output", str(out),
          "--max-shard-size", "200KB"],

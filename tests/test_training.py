@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from distributed import environment_without_launcher
 from fixtures.data_corpus import VOCAB, build_small_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,10 +40,11 @@ def overrides(data, run: Path, *extra: str) -> list[str]:
 
 
 def launch(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    # The launchers start `python` and `deepspeed` from PATH: make them this environment's.
+    # The launchers start `python` and `deepspeed` from PATH: make them this environment's. An
+    # in-process test may have set RANK/MASTER_PORT here (its own process group): do not pass them on.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return subprocess.run(
-        command, cwd=REPO, env={**os.environ, "PATH": path, **env},
+        command, cwd=REPO, env={**environment_without_launcher(), "PATH": path, **env},
         capture_output=True, text=True, timeout=TIMEOUT,
     )
 
