@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, read_manifest
-from megatron_memorizing.eval.loading import LoadedModel, forward_logits, load_checkpoint, token_losses
+from megatron_memorizing.eval.loading import (
+    LoadedModel,
+    add_checkpoint_arguments,
+    forward_logits,
+    load_checkpoint,
+    token_losses,
+)
 
 
 @dataclass
@@ -185,15 +191,12 @@ def render_html(inspection: Inspection, renderer: Renderer, title: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.inspect_retrieval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
-    parser.add_argument("--data", help="dataset prefix (default: the run's validation split)")
+    add_checkpoint_arguments(parser, "dataset prefix")
     parser.add_argument("--document", type=int, default=0, help="document index in the dataset (default 0)")
     parser.add_argument("--top", type=int, default=10, help="tokens to show (default 10)")
     parser.add_argument("--neighbours", type=int, default=2, help="neighbours per head (default 2)")
     parser.add_argument("--context", type=int, default=8, help="tokens of text before each marked token (default 8)")
     parser.add_argument("--html", type=Path, help="HTML page to write (default: runs/eval/<run>/retrieval-<document>.html)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a field of the checkpoint's config (repeatable)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=1)

@@ -9,6 +9,7 @@ documents side by side than training did.
 
 from __future__ import annotations
 
+import argparse
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ class LoadedModel:
     @property
     def step(self) -> int:
         return int(self.path.name.split("_")[-1]) if self.path.name.startswith("iter_") else 0
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
+    """--checkpoint, --data and --set, which every evaluation command takes."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
+    parser.add_argument("--data", help=f"{data_help} (default: the run's validation split)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a field of the checkpoint's config (repeatable)")
 
 
 def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots: Optional[int] = None) -> LoadedModel:

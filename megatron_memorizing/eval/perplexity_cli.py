@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from megatron_memorizing.data import DocumentStream
-from megatron_memorizing.eval.loading import LoadedModel, load_checkpoint
+from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, load_checkpoint
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 
@@ -105,15 +105,12 @@ def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-memorizing-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
-    parser.add_argument("--data", help="dataset prefix to evaluate on (default: the run's validation split)")
+    add_checkpoint_arguments(parser, "dataset prefix to evaluate on")
     parser.add_argument("--memory-sizes", type=int, nargs="+",
                         help="memory sizes to evaluate at (default: the training memory size)")
     parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training)")
     parser.add_argument("--max-steps", type=int, help="stop after this many segments per slot (default: all documents)")
     parser.add_argument("--out", type=Path, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a field of the checkpoint's config (repeatable)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)

@@ -24,7 +24,7 @@ import torch
 
 from data_tools.recall_task import DEFINE, QUERY, RecallSpec, fact_word
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, open_indexed_dataset, read_manifest
-from megatron_memorizing.eval.loading import forward_logits, load_checkpoint
+from megatron_memorizing.eval.loading import add_checkpoint_arguments, forward_logits, load_checkpoint
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
 
@@ -162,13 +162,10 @@ def plot(results: dict[str, RecallAccuracy], chance: float, path: Path, title: s
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.recall", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
-    parser.add_argument("--data", help="recall-task dataset prefix (default: the run's validation split)")
+    add_checkpoint_arguments(parser, "recall-task dataset prefix")
     parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training)")
     parser.add_argument("--max-steps", type=int, help="stop after this many segments per slot (default: all)")
     parser.add_argument("--out", type=Path, help="directory for recall.json and recall.png (default: runs/eval/<run>)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a field of the checkpoint's config (repeatable)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
