@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-# Megatron-Core warns at import about every fused kernel it cannot find; on CPU that is all of them.
-warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
-
-from megatron_memorizing.config import ConfigError  # noqa: E402
-from megatron_memorizing.training.config import RunConfig  # noqa: E402
+from megatron_memorizing.config import ConfigError
+from megatron_memorizing.training.config import RunConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:

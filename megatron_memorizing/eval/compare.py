@@ -1,0 +1,104 @@
+"""Evaluations of several runs side by side: one table, one plot by position.
+
+    python -m megatron_memorizing.eval.compare runs/eval/cmp-stdlib-1000/* --baseline nomemory \
+        --out docs/img/cmp-stdlib-1000.png
+
+Each argument is a directory written by `megatron-memorizing-eval` (its perplexity.json); its name
+labels the run. Every run is compared at its own training condition (memory at the training
+size, or no memory for a model trained without); the other conditions it was evaluated at
+(larger memories, memory disabled) get their own columns. `--baseline` names the run the
+"vs baseline" column divides by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label
+from megatron_memorizing.eval.report import new_figure, save_figure, table
+
+
+def load_evaluation(directory: Path) -> dict:
+    path = directory / "perplexity.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: pass directories written by megatron-memorizing-eval --out")
+    return json.loads(path.read_text())
+
+
+def training_condition(evaluation: dict) -> str:
+    size = evaluation["training_memory_size"]
+    return memory_label(size) if size else NO_MEMORY
+
+
+def condition_order(evaluations: dict[str, dict]) -> list[str]:
+    """Memory sizes ascending, then no memory."""
+    names = {name for e in evaluations.values() for name in e["results"]}
+    sizes = sorted(int(name.split()[1].replace(",", "")) for name in names if name != NO_MEMORY)
+    return [memory_label(size) for size in sizes] + [NO_MEMORY]
+
+
+def comparison_table(evaluations: dict[str, dict], baseline: str | None) -> str:
+    conditions = condition_order(evaluations)
+    reference = evaluations[baseline]["results"][training_condition(evaluations[baseline])]["perplexity"] if baseline else None
+    rows = []
+    for run, e in evaluations.items():
+        own = e["results"][training_condition(e)]["perplexity"]
+        cells = [f"{e['results'][c]['perplexity']:.3f}" if c in e["results"] else "" for c in conditions]
+        rows.append([run, f"{e['step']:,}", f"{e['training_memory_size']:,}" if e["training_memory_size"] else "none",
+                     f"{own:.3f}", *cells, f"{100 * (own / reference - 1):+.2f}%" if reference else ""])
+    return table(["run", "step", "trained memory", "perplexity", *conditions, f"vs {baseline}" if baseline else ""], rows)
+
+
+def position_table(evaluations: dict[str, dict]) -> str:
+    """Perplexity by position in the document, each run at its training condition."""
+    by_run = {run: {row["start"]: row for row in e["results"][training_condition(e)]["by_position"]}
+              for run, e in evaluations.items()}
+    starts = sorted(set.intersection(*(set(rows) for rows in by_run.values())))
+    first = next(iter(by_run.values()))
+    return table(["positions", "tokens", *evaluations],
+                 [[f"{s}-{bucket_end(s) - 1}", f"{first[s]['tokens']:,.0f}", *(f"{rows[s]['perplexity']:.3f}" for rows in by_run.values())]
+                  for s in starts])
+
+
+def plot(evaluations: dict[str, dict], path: Path, title: str) -> Path:
+    figure, axes = new_figure()
+    for run, e in evaluations.items():
+        rows = e["results"][training_condition(e)]["by_position"]
+        axes.plot([bucket_end(r["start"]) for r in rows], [r["perplexity"] for r in rows], marker="o", label=run,
+                  linestyle="-" if e["training_memory_size"] else "--")
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("position in the document (tokens, bucket end)")
+    axes.set_ylabel("perplexity")
+    axes.set_title(title)
+    axes.legend()
+    return save_figure(figure, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("evaluations", nargs="+", type=Path, help="directories written by megatron-memorizing-eval --out")
+    parser.add_argument("--baseline", help="the run (directory name) the others are compared with")
+    parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run")
+    parser.add_argument("--title", default="perplexity by position in the document")
+    args = parser.parse_args(argv)
+
+    evaluations = {directory.name: load_evaluation(directory) for directory in args.evaluations}
+    if args.baseline and args.baseline not in evaluations:
+        parser.error(f"--baseline {args.baseline} is not one of the runs: {', '.join(evaluations)}")
+    data = {e["data"] for e in evaluations.values()}
+    if len(data) > 1:
+        parser.error(f"the evaluations are on different data ({', '.join(sorted(data))}): compare like with like")
+    print(f"on {data.pop()} ({next(iter(evaluations.values()))['results'][NO_MEMORY]['tokens']:,.0f} tokens)")
+    print(comparison_table(evaluations, args.baseline))
+    print("\nperplexity by position in the document (each run at its training memory size)")
+    print(position_table(evaluations))
+    if args.out:
+        print(f"\nwrote {plot(evaluations, args.out, args.title)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Side-by-side reports: evaluations of several runs (from megatron-memorizing-eval's JSON) and
+training curves (from tensorboard logs)."""
+
+import json
+import math
+
+import pytest
+from scripts.ckpt_weights import train_state
+from torch.utils.tensorboard import SummaryWriter
+
+from data_tools.recall_task import RecallSpec, build
+from megatron_memorizing.eval import compare, curves, perplexity_cli
+from megatron_memorizing.training.checkpoint import Checkpointer
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recall")
+    build(out, RecallSpec(num_keys=64, num_values=8, statements=40), {"train": 3, "validation": 5})
+    return str(out / "validation")
+
+
+def as_trained_without_memory(evaluation: dict) -> dict:
+    """What the evaluation of a run trained without memory holds: the no-memory condition only."""
+    return dict(evaluation, training_memory_size=0, results={"no memory": evaluation["results"]["no memory"]})
+
+
+def test_compare_puts_runs_side_by_side(single_rank, data, tmp_path, capsys):
+    state = train_state(data, tmp_path / "run" / "checkpoints", segment_length=16)
+    state.run_config.data.validation = data
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+    evaluations = tmp_path / "eval"
+    assert perplexity_cli.main(["--checkpoint", str(saved.parent), "--memory-sizes", "40", "256",
+                                "--out", str(evaluations / "memory")]) == 0
+    memory = json.loads((evaluations / "memory" / "perplexity.json").read_text())
+    (evaluations / "plain").mkdir()
+    (evaluations / "plain" / "perplexity.json").write_text(json.dumps(as_trained_without_memory(memory)))
+    capsys.readouterr()
+
+    plot = tmp_path / "cmp.png"
+    assert compare.main([str(evaluations / "plain"), str(evaluations / "memory"), "--baseline", "plain",
+                         "--out", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    table = printed.split("perplexity by position")[0]
+    rows = {line.split()[0]: line.split() for line in table.splitlines() if line.split()[:1] in (["plain"], ["memory"])}
+    # Each run at its training condition: the memory run at 40 (its training size), the other without.
+    own = memory["results"]["memory 40"]["perplexity"]
+    base = memory["results"]["no memory"]["perplexity"]
+    assert rows["memory"][3] == f"{own:.3f}" and rows["plain"][3] == f"{base:.3f}"
+    assert rows["memory"][-1] == f"{100 * (own / base - 1):+.2f}%" and rows["plain"][-1] == "+0.00%"
+    # Conditions a run was not evaluated at stay empty: the plain row has no memory columns.
+    assert len(rows["plain"]) == len(rows["memory"]) - 2
+    first_bucket = memory["results"]["memory 40"]["by_position"][0]
+    assert f"{first_bucket['perplexity']:.3f}" in printed.split("perplexity by position")[1]
+    assert plot.read_bytes()[:8] == PNG
+
+
+def test_compare_refuses_evaluations_of_different_data(tmp_path):
+    for name, data in (("a", "data/x/validation"), ("b", "data/y/validation")):
+        (tmp_path / name).mkdir()
+        result = {"loss": 1.0, "perplexity": math.e, "tokens": 10, "by_position": []}
+        (tmp_path / name / "perplexity.json").write_text(json.dumps(
+            {"data": data, "step": 1, "training_memory_size": 0, "results": {"no memory": result}}))
+    with pytest.raises(SystemExit):
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="perplexity.json does not exist"):
+        compare.main([str(tmp_path / "missing")])
+
+
+def write_scalars(directory, values: dict[int, float], tag="train/loss"):
+    writer = SummaryWriter(str(directory))
+    for step, value in values.items():
+        writer.add_scalar(tag, value, step)
+    writer.close()
+
+
+def test_curves_table_smoothing_and_plot(tmp_path, capsys):
+    write_scalars(tmp_path / "a", {25: 4.0, 50: 2.0, 75: 3.0, 100: 1.0})
+    write_scalars(tmp_path / "b", {25: 8.0, 50: 6.0, 75: 4.0})
+    plot = tmp_path / "loss.png"
+    assert curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--smooth", "2", "--out", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()[3:] if line[:1].isspace() or line[:1].isdigit()}
+    # Common steps only (b stops at 75); each value the mean of the last two logged.
+    assert rows == {"25": ["4.0000", "8.0000"], "50": ["3.0000", "7.0000"], "75": ["2.5000", "5.0000"]}
+    assert plot.read_bytes()[:8] == PNG
+
+
+def test_curves_name_the_scalars_a_run_has(tmp_path):
+    write_scalars(tmp_path / "a", {1: 1.0})
+    with pytest.raises(SystemExit, match="has no scalar 'validation/perplexity'.*train/loss"):
+        curves.main([str(tmp_path / "a"), "--scalar", "validation/perplexity"])
