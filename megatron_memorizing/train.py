@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     if trainer.logger.is_writer:
         print(f"trained {result.steps} steps; final training loss {result.train_loss:.4f}")
         if result.validation is not None:
-            print(f"validation perplexity with memory:    {result.validation.perplexity:.3f}")
+            label = "with memory:   " if result.validation_without_memory is not None else "(no memory layer):"
+            print(f"validation perplexity {label} {result.validation.perplexity:.3f}")
         if result.validation_without_memory is not None:
             print(f"validation perplexity memory disabled: {result.validation_without_memory.perplexity:.3f}")
         print(f"tensorboard logs: {result.log_dir}   (tensorboard --logdir {result.log_dir})")
