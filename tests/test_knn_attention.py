@@ -8,6 +8,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_memorizing.data import Batch
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
@@ -174,3 +175,26 @@ def test_growing_the_memory_keeps_its_contents_and_what_they_retrieve(single_ran
 
     # The step after growing searched exactly the pairs it would have searched without growing.
     assert loss_after_growing == run_steps(*built(config), batches)[3:]
+
+
+def test_xl_cache_equals_attention_over_both_segments(single_rank):
+    """On a document's second segment, every layer attending to the cached previous segment is
+    exactly causal attention over the two segments read as one (same weights, twice the length):
+    the cached keys are that longer run's keys, at the same relative (rotary) positions."""
+    length = 16
+    two = document_batches(steps=1, slots=4, length=2 * length, vocab=128)[0]
+    halves = [
+        Batch(tokens=two.tokens[:, part], labels=two.labels[:, part], loss_mask=two.loss_mask[:, part],
+              new_document=two.new_document & (part.start == 0), document_ids=two.document_ids,
+              offsets=two.offsets + part.start)
+        for part in (slice(0, length), slice(length, 2 * length))
+    ]
+    xl_chunks, xl_memories = built(tiny_config(memory_layers=(), xl_cache=True, segment_length=length))
+    xl_losses = []
+    for batch in halves:
+        xl_losses.append(forward_backward(xl_chunks, xl_memories, batch, forward_only=True).token_losses)
+        xl_memories.commit()
+    long_chunks, long_memories = built(tiny_config(memory_layers=(), segment_length=2 * length))
+    long_losses = forward_backward(long_chunks, long_memories, two, forward_only=True).token_losses
+
+    torch.testing.assert_close(torch.cat(xl_losses, dim=1), long_losses, rtol=1e-5, atol=1e-5)
