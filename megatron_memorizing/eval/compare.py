@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label
-from megatron_memorizing.eval.report import new_figure, save_figure, table
+from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label, plot_by_position
+from megatron_memorizing.eval.report import table
 
 
 def load_evaluation(directory: Path) -> dict:
@@ -63,18 +63,13 @@ def position_table(evaluations: dict[str, dict]) -> str:
 
 
 def plot(evaluations: dict[str, dict], path: Path, title: str) -> Path:
-    figure, axes = new_figure()
-    for run, e in evaluations.items():
-        rows = e["results"][training_condition(e)]["by_position"]
-        axes.plot([bucket_end(r["start"]) for r in rows], [r["perplexity"] for r in rows], marker="o", label=run,
-                  linestyle="-" if e["training_memory_size"] else "--")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_xlabel("position in the document (tokens, bucket end)")
-    axes.set_ylabel("perplexity")
-    axes.set_title(title)
-    axes.legend()
-    return save_figure(figure, path)
+    """Each run at its training condition; runs trained without memory dashed."""
+    curves = {
+        run: ([(r["start"], r["perplexity"]) for r in e["results"][training_condition(e)]["by_position"]],
+              not e["training_memory_size"])
+        for run, e in evaluations.items()
+    }
+    return plot_by_position(curves, path, title)
 
 
 def main(argv=None) -> int:

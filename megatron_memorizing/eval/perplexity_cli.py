@@ -86,13 +86,13 @@ def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> d
     )
 
 
-def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
+def plot_by_position(curves: dict[str, tuple[list[tuple[int, float]], bool]], path: Path, title: str) -> Path:
+    """One line per name: (bucket start, perplexity) points, and whether to dash the line."""
     figure, axes = new_figure()
-    for name, result in results.items():
-        rows = result.position_table()
+    for name, (points, dashed) in curves.items():
         # Buckets [0, 1), [1, 2), [2, 4), ...: plotted at their end, which a log axis can show.
-        axes.plot([bucket_end(start) for start, _, _ in rows], [ppl for _, ppl, _ in rows], marker="o",
-                  label=name, linestyle="--" if name == NO_MEMORY else "-")
+        axes.plot([bucket_end(start) for start, _ in points], [ppl for _, ppl in points], marker="o",
+                  label=name, linestyle="--" if dashed else "-")
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel("position in the document (tokens, bucket end)")
@@ -100,6 +100,11 @@ def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
     axes.set_title(title)
     axes.legend()
     return save_figure(figure, path)
+
+
+def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
+    curves = {name: ([(start, ppl) for start, ppl, _ in r.position_table()], name == NO_MEMORY) for name, r in results.items()}
+    return plot_by_position(curves, path, title)
 
 
 def main(argv=None) -> int:
