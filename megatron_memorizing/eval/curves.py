@@ -31,8 +31,8 @@ def read_scalar(directory: Path, tag: str) -> list[tuple[int, float]]:
 def smoothed(points: list[tuple[int, float]], window: int) -> list[tuple[int, float]]:
     """Trailing mean over `window` logged values."""
     values = [v for _, v in points]
-    return [(step, sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]))
-            for i, (step, _) in enumerate(points)]
+    windows = (values[max(0, i - window + 1): i + 1] for i in range(len(values)))
+    return [(step, sum(w) / len(w)) for (step, _), w in zip(points, windows)]
 
 
 def main(argv=None) -> int:
