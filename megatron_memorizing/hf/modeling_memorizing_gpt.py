@@ -21,9 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_memorizing_gpt import MemorizingGPTConfig
+
+# Where outputs carry the cache: `cache` from transformers 5.24 on, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -47,12 +51,17 @@ class _LayerState:
 
 
 class MemorizingGPTMemory:
-    """The documents being read, one per batch row: pass it as `past_key_values` to continue them.
+    """The documents being read, one per batch row: pass it as `cache` (transformers >= 5.24) or
+    `past_key_values` (older releases; both names work everywhere) to continue them.
 
     `memory_size` (pairs per layer, head group and row) may exceed the size used in training.
+
+    generate() treats it as a cache: it reads the attributes below (the same names as
+    `transformers.Cache`, which this is not a subclass of, so that no release's bookkeeping of
+    per-layer key/value tensors applies to it).
     """
 
-    # Generation utilities probe caches for these; the memory can neither be compiled nor rolled back.
+    # Neither compiled nor rolled back: a segment that entered the memory cannot be taken out.
     is_compileable = False
     is_croppable = False
 
@@ -81,8 +90,40 @@ class MemorizingGPTMemory:
     def memory_fill(self) -> int:
         return max((state.memory[0].shape[2] for state in self.layers if state.memory is not None), default=0)
 
+    # --- what generate() reads from a cache ------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens read so far: generate() feeds only the tokens after these."""
         return self.tokens_read
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # no limit: the memory keeps its newest pairs
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.batch_size is not None
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # Not a recurrent state: every token read counts in get_seq_length, so generate() slices the
+        # prompt to its unread part, as for a key/value cache.
+        return [False] * self.num_layers
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def crop(self, max_length: int):
+        raise NotImplementedError(
+            "the kNN memory cannot be rolled back (assisted and prompt-lookup decoding need that): "
+            "generate without an assistant model"
+        )
+
+    def activate_past_recording(self):
+        self.crop(0)
 
     def bind(self, batch_size: int):
         if self.batch_size is None:
@@ -114,6 +155,16 @@ class MemorizingGPTMemory:
                 pair = getattr(state, name)
                 if pair is not None:
                     setattr(state, name, tuple(t.index_select(0, beam_idx.to(t.device)) for t in pair))
+        if self.batch_size is not None:
+            self.batch_size = len(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        """Each document continued by `repeats` rows in a row (beams, several returned sequences)."""
+        if self.batch_size is not None:
+            self.reorder_cache(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self.reorder_cache(torch.as_tensor(indices))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,18 +340,20 @@ class MemorizingGPTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
+        # transformers' init functions skip tensors already loaded from a checkpoint (some releases
+        # initialise after loading); plain in-place ops would overwrite them.
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.normal_(0.0, std)
+            init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-            module.weight.fill_(1.0)
+            init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, Attention) and module.has_memory:
-            module.gate_bias.fill_(self.config.gate_init)
-            module.memory_log_scale.fill_(0.5 * math.log(module.head_dim))
+            init.constant_(module.gate_bias, self.config.gate_init)
+            init.constant_(module.memory_log_scale, 0.5 * math.log(module.head_dim))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -327,9 +380,8 @@ class MemorizingGPTModel(MemorizingGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.LongTensor, past_key_values: MemorizingGPTMemory, **kwargs) -> BaseModelOutputWithPast:
-        """Read input_ids [b, t] on from where `past_key_values` stopped, segment by segment."""
-        memory = past_key_values
+    def forward(self, input_ids: torch.LongTensor, memory: MemorizingGPTMemory, **kwargs) -> BaseModelOutputWithPast:
+        """Read input_ids [b, t] on from where `memory` stopped, segment by segment."""
         memory.bind(input_ids.shape[0])
         hidden = []
         for piece in self._up_to_segment_ends(input_ids, memory):
@@ -343,7 +395,7 @@ class MemorizingGPTModel(MemorizingGPTPreTrainedModel):
             memory.tokens_read += piece.shape[1]
             if memory.segment_offset == 0:
                 memory.end_segment()
-        return BaseModelOutputWithPast(last_hidden_state=torch.cat(hidden, dim=1), past_key_values=memory)
+        return BaseModelOutputWithPast(last_hidden_state=torch.cat(hidden, dim=1), **{_CACHE_FIELD: memory})
 
     @staticmethod
     def _up_to_segment_ends(input_ids, memory):
@@ -389,16 +441,18 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: MemorizingGPTMemory | None = None,
+        cache: MemorizingGPTMemory | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        past_key_values: MemorizingGPTMemory | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Continue the documents in `past_key_values` (else the kept memory, else new documents).
+        """Continue the documents in `cache` (else the kept memory, else new documents).
 
+        `past_key_values` is the name transformers < 5.24 uses for `cache`: either works.
         use_cache=False reads input_ids as new documents in a throwaway memory.
         """
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -406,7 +460,9 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
                 "padding is not supported: each row is one document streamed through its own memory, "
                 "so batch documents of equal length (or generate one at a time)"
             )
-        memory = past_key_values if past_key_values is not None else self.kept_memory
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the memory as `cache` or as `past_key_values`, not two different ones")
+        memory = next((m for m in (cache, past_key_values, self.kept_memory) if m is not None), None)
         if use_cache is False or memory is None:
             memory = self.new_memory()
         hidden = self.model(input_ids, memory).last_hidden_state
@@ -419,5 +475,5 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None if use_cache is False else memory)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: None if use_cache is False else memory})
         return output if return_dict is not False else output.to_tuple()

@@ -30,6 +30,8 @@ class MemorizingGPTTokenizer(PreTrainedTokenizer):
                 kwargs.setdefault(name, self.sp_model.id_to_piece(piece_id))
         # Decoding returns the text exactly, as sentencepiece does.
         kwargs.setdefault("clean_up_tokenization_spaces", False)
+        # No special tokens around a document (transformers 5.0 defaulted to [CLS] ... [SEP]).
+        kwargs.setdefault("special_tokens_pattern", "none")
         super().__init__(**kwargs)
 
     @property

@@ -9,10 +9,14 @@ import json
 import sys
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 PROMPT = 40  # 2.5 segments of the test's tiny model
 NEW_TOKENS = 30
+# generate() hands the model its cache under this name.
+CACHE_ARGUMENT = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def greedy(model, prompt, **kwargs):
@@ -51,9 +55,12 @@ def main(path, tokens_json, text, result_path):
         continued = prompt[0, :25].tolist() + greedy(model, prompt[:, 25:])
         model.keep_memory(False)
         # The transformers convention: a memory passed in has read the start of input_ids already.
-        memory = model.new_memory()
-        model(prompt[:, :25], past_key_values=memory)
-        via_past_key_values = greedy(model, prompt, past_key_values=memory)
+        # transformers >= 5.24 names the argument `cache` (past_key_values still works there, deprecated).
+        passed = {}
+        for name in ("past_key_values", "cache") if CACHE_ARGUMENT == "cache" else ("past_key_values",):
+            memory = model.new_memory()
+            model(prompt[:, :25], **{name: memory})
+            passed[name] = greedy(model, prompt, **{name: memory})
         beam_score, beam_reread = beam_search(model, prompt)
     ids = tokenizer(text)["input_ids"]
     result = {
@@ -63,7 +70,8 @@ def main(path, tokens_json, text, result_path):
         "second": second,
         "manual": manual[0].tolist(),
         "continued": continued,
-        "via_past_key_values": via_past_key_values,
+        "passed_memory": passed,
+        "transformers": transformers.__version__,
         "beam_score": beam_score,
         "beam_reread": beam_reread,
         "ids": ids,
