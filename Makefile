@@ -1,23 +1,32 @@
 # Two commands on a fresh CPU machine (see README.md):
 #   make train   build the default CPython-stdlib corpus, train the tiny-cpu model, report perplexity
 #   make test    the test suite
-# Each creates the virtual environment in .venv first if needed.
+# Each creates the virtual environment in .venv first if needed, from the tested line of the
+# Python it is given: `make test` (python3), `make test PYTHON=python3.12`.
+#   make test-latest   the suite against the newest releases (recorded in docs/latest_releases.md)
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# The CPU build of torch: a bare `torch` would pull several GB of CUDA packages on a CPU machine.
-TORCH  ?= torch==2.13.0
+# The Python's version picks the tested line: its megatron-core and every other pin.
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])' 2>/dev/null)
+LOCK   := constraints/py$(PYTHON_VERSION).txt
+# torch first, alone: with no torch installed, a package asking for `torch` pulls the newest build.
+TORCH  := torch==2.13.0
 
-.PHONY: setup train test
+.PHONY: setup train test test-latest
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed-py$(PYTHON_VERSION): pyproject.toml $(LOCK)
+	@test -n "$(PYTHON_VERSION)" || { echo "error: '$(PYTHON)' is not a Python interpreter: pass PYTHON=python3.11 or PYTHON=python3.12" >&2; exit 2; }
+	@test -f "$(LOCK)" || { echo "error: no tested line for Python $(PYTHON_VERSION) ($(LOCK) is missing): use Python 3.11 or 3.12 (PYTHON=python3.12)" >&2; exit 2; }
+	@if [ -x $(PY) ] && [ ! -e $@ ] && [ -n "$$(ls $(VENV)/.installed-py* 2>/dev/null)" ]; then \
+	  echo "error: $(VENV) was set up for another Python ($$(ls $(VENV)/.installed-py* | sed 's/.*installed-//')): pass VENV=.venv-py$(PYTHON_VERSION), or remove $(VENV)" >&2; exit 2; fi
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH)"
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c $(LOCK) "$(TORCH)"
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-py$(PYTHON_VERSION)
 
 train: setup
 	$(VENV)/bin/megatron-memorizing-data build
@@ -25,3 +34,6 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-latest:
+	PYTHON=$(PYTHON) .ci/test-latest

@@ -10,6 +10,7 @@
 #   NODE_RANK=0 MASTER_ADDR=node1 HOSTFILE=hostfile launch_scripts/multi_node.sh configs/paper-8k.yaml
 #   NODE_RANK=1 MASTER_ADDR=node1 HOSTFILE=hostfile launch_scripts/multi_node.sh configs/paper-8k.yaml
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/environment.sh"
 config=${1:?usage: $0 CONFIG.yaml [--set section.field=value ...]}; shift
 hostfile=${HOSTFILE:?set HOSTFILE to a deepspeed hostfile (one "host slots=N" line per node)}
 port=${MASTER_PORT:-29500}

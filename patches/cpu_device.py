@@ -7,8 +7,8 @@ as a ``device=`` argument, ``device="cuda"`` literals in tensor factories, and
 Rather than change ``torch`` itself (which DeepSpeed, the plugin and user code share), each
 patched Megatron module gets its own module-global ``torch`` bound to a ``CpuDeviceTorch``: it
 forwards every attribute to the real torch, except that tensor factories send a CUDA ``device=``
-to the CPU, and ``torch.cuda`` answers ``current_device()`` with the CPU device and makes
-``synchronize()`` a no-op. Code outside the patched modules sees the real torch.
+to the CPU, and ``torch.cuda`` answers ``current_device()`` with the CPU device, makes
+``synchronize()`` a no-op and hands out a CPU "stream" whose waits are no-ops. Code outside the patched modules sees the real torch.
 """
 
 import functools
@@ -71,6 +71,24 @@ class CpuDeviceCuda(types.ModuleType):
     def synchronize(device=None):
         # CPU kernels run synchronously; there is nothing to wait for.
         return None
+
+    @staticmethod
+    def current_stream(device=None):
+        return _CPU_STREAM
+
+
+class _CpuStream:
+    """The one CPU "stream": work on it is already done when the call returns, so waiting on an
+    event or another stream is a no-op (megatron-core 0.19 orders gradient all-reduces this way)."""
+
+    def wait_event(self, event):
+        return None
+
+    def wait_stream(self, stream):
+        return None
+
+
+_CPU_STREAM = _CpuStream()
 
 
 class CpuDeviceTorch(types.ModuleType):

@@ -42,7 +42,8 @@ CUDA_DEVICE_CALL_SITES = {
     "create_tensor_recv_prev/next (receive buffers; synchronize after batched p2p)",
     "megatron.core.distributed.distributed_data_parallel": "DistributedDataParallel.__init__, "
     "_allocate_buffers_for_parameters",
-    "megatron.core.distributed.param_and_grad_buffer": "_ParamAndGradBuffer.__init__",
+    "megatron.core.distributed.param_and_grad_buffer": "_ParamAndGradBuffer.__init__; "
+    "_ParamAndGradBucketGroup.start_grad_sync/finish_grad_sync (0.19: current_stream waits)",
     "megatron.core.optimizer.optimizer": "MixedPrecisionOptimizer/FP32Optimizer.__init__ "
     "(found_inf, _scale), get_loss_scale",
     "megatron.core.optimizer.clip_grads": "get_grad_norm_fp32, count_zeros_fp32",

@@ -101,7 +101,9 @@ def test_cpu_patches_are_idempotent_and_leave_torch_alone():
     assert patches.apply_cpu_patches() is True
     assert mcore_utils.torch is CPU_DEVICE_TORCH
     assert mcore_random.CudaRNGStatesTracker is CpuRNGStatesTracker
-    with pytest.raises(AssertionError, match="not compiled with CUDA"):
+    # The real torch.cuda still refuses: the CPU wheel as not compiled with CUDA, a CUDA wheel
+    # (Python 3.12's) on a machine without a GPU as finding no driver.
+    with pytest.raises((AssertionError, RuntimeError), match="not compiled with CUDA|no NVIDIA driver"):
         torch.cuda.current_device()
 
 

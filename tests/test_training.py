@@ -39,14 +39,31 @@ def overrides(data, run: Path, *extra: str) -> list[str]:
     return [arg for field in fields for arg in ("--set", field)]
 
 
+def user_shell(**env: str) -> dict:
+    """The environment of a user who has not activated any virtual environment. An in-process
+    test may have set RANK/MASTER_PORT here (its own process group): those are not passed on."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir)
+    shell = {k: v for k, v in environment_without_launcher().items() if k != "VIRTUAL_ENV"}
+    return {**shell, "PATH": path, **env}
+
+
 def launch(command: list[str], **env: str) -> subprocess.CompletedProcess:
-    # The launchers start `python` and `deepspeed` from PATH: make them this environment's. An
-    # in-process test may have set RANK/MASTER_PORT here (its own process group): do not pass them on.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    # The launch scripts find the project's environment themselves: `make setup` makes .venv, CI
+    # one per line; VENV names it.
     return subprocess.run(
-        command, cwd=REPO, env={**environment_without_launcher(), "PATH": path, **env},
-        capture_output=True, text=True, timeout=TIMEOUT,
+        command, cwd=REPO, env=user_shell(VENV=sys.prefix, **env), capture_output=True, text=True, timeout=TIMEOUT
     )
+
+
+def test_launch_script_without_an_environment_says_how_to_make_one(tmp_path):
+    done = subprocess.run(
+        ["bash", "launch_scripts/local_cpu.sh", "configs/tiny-cpu.yaml"],
+        cwd=REPO, env=user_shell(VENV=str(tmp_path / "no-venv"), PATH="/usr/bin:/bin"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    assert "run 'make setup'" in done.stderr and str(tmp_path / "no-venv") in done.stderr
 
 
 def test_deepspeed_launcher_trains_on_two_cpu_ranks(data, tmp_path):
