@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from data_tools.train_tokenizer import EXACT_SETTINGS
 from distributed import SCRIPTS, environment_without_launcher, run_torchrun
-from megatron_memorizing.hf.convert import TRACKER, ExportError, export
+from megatron_memorizing.hf.convert import EXPORT_MARKER, TRACKER, ExportError, export
 from megatron_memorizing.hf.convert import main as convert_main
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.memories import ModelMemories
@@ -306,14 +306,34 @@ def test_other_bad_inputs(checkpoint, tmp_path, tokenizer_model, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
     # An existing export survives a failed overwrite untouched.
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "marker").write_text("previous export")
+    previous = export(run, tmp_path / "out")
+    (previous / "note").write_text("previous export")
     with pytest.raises(ExportError, match="already exists"):
         export(run, tmp_path / "out")
     with pytest.raises(ValueError):
         export(run, tmp_path / "out", overwrite=True, max_shard_size="a lot")
-    assert (tmp_path / "out" / "marker").read_text() == "previous export"
+    assert (tmp_path / "out" / "note").read_text() == "previous export"
     assert not (tmp_path / "out.tmp").exists()
+    # A successful overwrite replaces it whole.
+    assert export(run, tmp_path / "out", overwrite=True) == previous
+    assert (previous / EXPORT_MARKER).is_file() and not (previous / "note").exists()
 
     assert convert_main(["--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_only_what_an_export_wrote(checkpoint, tmp_path):
+    """`--overwrite` pointed at a training run (or any folder of the user's) deletes nothing."""
+    run, _ = checkpoint
+    victim = tmp_path / "victim"
+    shutil.copytree(run, victim)
+    (tmp_path / "notes.tmp").mkdir()
+    (tmp_path / "notes.tmp" / "mine.txt").write_text("not an export")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert convert_main(["--checkpoint", str(run), "--output", str(victim), "--overwrite"]) == 1
+    with pytest.raises(ExportError, match=f"not written by megatron-memorizing-export.*{EXPORT_MARKER}"):
+        export(run, victim, overwrite=True)
+    # Nor is a folder that happens to sit where the export stages its files.
+    with pytest.raises(ExportError, match="refusing to use it as the staging directory"):
+        export(run, tmp_path / "notes")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -13,6 +13,7 @@ and renamed to OUT at the end: a failed export leaves no OUT behind.
 from __future__ import annotations
 
 import argparse
+import json
 import dataclasses
 import shutil
 import sys
@@ -28,6 +29,8 @@ from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausa
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# Written into every export: `--overwrite` replaces only a directory that holds it.
+EXPORT_MARKER = "megatron_memorizing_export.json"
 _ACTIVATIONS = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu"}
 # TransformerConfig features the exported model does not implement, with the value it assumes.
 _ASSUMED = {
@@ -260,10 +263,19 @@ def export(
     max_shard_size: str = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Write the Hugging Face directory `output` from a training checkpoint; returns its path."""
+    """Write the Hugging Face directory `output` from a training checkpoint; returns its path.
+
+    `overwrite` replaces only a directory an earlier export wrote (it holds EXPORT_MARKER);
+    anything else at `output` is refused and left untouched.
+    """
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise ExportError(f"{output} already exists: choose another --output or pass --overwrite.")
+    staging = output.with_name(output.name + ".tmp")
+    if output.exists():
+        if not overwrite:
+            raise ExportError(f"{output} already exists: choose another --output or pass --overwrite.")
+        _check_written_by_export(output, "replace it")
+    if staging.exists():  # left by an export that was killed, or somebody else's
+        _check_written_by_export(staging, "use it as the staging directory of this export")
     source = read_checkpoint(checkpoint, tokenizer)
     if memory_size is not None and source.config.memory_layers and memory_size < source.config.knn_top_k:
         raise ExportError(f"--memory-size {memory_size} is smaller than knn_top_k={source.config.knn_top_k}.")
@@ -277,22 +289,36 @@ def export(
     model.load_state_dict(hf_state_dict(megatron, config))
     model.to(torch.bfloat16 if source.config.bf16 else torch.float32)
 
-    staging = output.with_name(output.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    shutil.rmtree(staging, ignore_errors=True)
     try:
+        # The marker first: a staging directory left by a killed export is recognisably ours.
+        staging.mkdir(parents=True)
+        (staging / EXPORT_MARKER).write_text(
+            json.dumps({"exported_from": str(source.iteration_dir), "memory_size": config.memory_size}, indent=2) + "\n"
+        )
         # Registration makes save_pretrained copy the code files and write `auto_map`.
         MemorizingGPTConfig.register_for_auto_class()
         MemorizingGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         MemorizingGPTTokenizer.register_for_auto_class("AutoTokenizer")
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         hf_tokenizer.save_pretrained(staging)
+        replaced = output.with_name(output.name + ".replaced.tmp")
         if output.exists():
-            shutil.rmtree(output)
+            output.rename(replaced)
         staging.rename(output)
+        shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _check_written_by_export(path: Path, action: str) -> None:
+    if not (path / EXPORT_MARKER).is_file():
+        raise ExportError(
+            f"{path} was not written by megatron-memorizing-export (it has no {EXPORT_MARKER}): refusing to "
+            f"{action}. Choose another --output, or move {path} away yourself."
+        )
 
 
 def main(argv=None) -> int:
