@@ -38,9 +38,18 @@ def main(argv=None) -> int:
         print(f"megatron-memorizing-train: bad config: {error}", file=sys.stderr)
         return 2
 
-    from megatron_memorizing.training.trainer import NonFiniteLossError, Trainer  # heavy imports: config is good
+    # Heavy imports: the config is good.
+    from megatron_memorizing.data import DataError
+    from megatron_memorizing.parallel import destroy_distributed
+    from megatron_memorizing.training.checkpoint import CheckpointError
+    from megatron_memorizing.training.trainer import NonFiniteLossError, Trainer
 
-    trainer = Trainer(config)
+    try:
+        trainer = Trainer(config)
+    except (CheckpointError, DataError, ConfigError) as error:  # found before step 1
+        destroy_distributed()
+        print(f"megatron-memorizing-train: {error}", file=sys.stderr)
+        return 2
     try:
         result = trainer.fit()
     except NonFiniteLossError as error:

@@ -81,6 +81,32 @@ def test_keep_last_prunes_and_interrupted_saves_are_ignored(single_rank, data, t
         checkpointer.save(state)
 
 
+def test_without_a_tracker_the_newest_complete_iteration_is_the_latest(single_rank, data, tmp_path):
+    root = tmp_path / "checkpoints"
+    state = train_state(data, root)
+    state.step = 300
+    Checkpointer(state.run_config.checkpoint).save(state)
+    (root / TRACKER).unlink()  # a copied iteration, or a tracker deleted by hand
+    shutil.copytree(root / "iter_0000300", root / "iter_0000400")
+    shutil.rmtree(root / "iter_0000400" / "rank_state")  # a newer one, incomplete
+    assert Checkpointer(state.run_config.checkpoint).latest() == root / "iter_0000300"
+
+
+def test_pruning_deletes_only_this_runs_checkpoints(single_rank, data, tmp_path):
+    """keep_last prunes what this run saved (and what it resumed from: the SIGKILL test above),
+    never an iteration that some other run left in the folder."""
+    root = tmp_path / "checkpoints"
+    state = train_state(data, root)
+    checkpointer = Checkpointer(CheckpointConfig(dir=str(root), keep_last=2))
+    state.step = 3
+    first = checkpointer.save(state)
+    shutil.copytree(first, root / "iter_0000300")  # copied in by the user
+    for step in (4, 5, 6):
+        state.step = step
+        checkpointer.save(state)
+    assert listing(root) == ["iter_0000005", "iter_0000006", "iter_0000300", TRACKER]
+
+
 def test_bad_directories_are_named(single_rank, data, tmp_path):
     root = tmp_path / "checkpoints"
     state = train_state(data, root)

@@ -88,6 +88,46 @@ def test_non_finite_loss_stops_before_the_update_naming_step_and_checkpoint(data
     message = done.stderr.strip().splitlines()[-1]
     assert "the loss is nan" in message or "the loss is inf" in message
     step = int(message.split("step ")[1].split(":")[0])
-    last_good = tmp_path / "checkpoints" / f"iter_{step - 1:07d}"
-    assert f"The last good checkpoint is {last_good}" in message
-    assert (tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(step - 1)
+    # The checkpoint of step - 1 holds the weights that gave this loss: it is not good, and not
+    # published. The one before it gave a finite loss at step - 1.
+    tracker = tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt"
+    if step > 2:
+        last_good = tmp_path / "checkpoints" / f"iter_{step - 2:07d}"
+        assert f"The last good checkpoint is {last_good}" in message
+        assert tracker.read_text().strip() == str(step - 2)
+    else:
+        assert "The last good checkpoint is none" in message and not tracker.exists()
+
+    # Resuming with a sane learning rate trains on, finite, from that checkpoint.
+    sane = ["training.steps=6", "optimizer.lr=1e-3", "checkpoint.interval=1"]
+    resumed = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                      *overrides(data, tmp_path, *sane)])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trained 6 steps" in resumed.stdout
+    if step > 2:
+        assert f"resumed from {last_good} at step {step - 2}" in resumed.stdout + resumed.stderr
+
+
+def test_checkpoints_without_a_tracker_are_resumed_not_deleted(data, tmp_path):
+    """A copied iteration, or a tracker deleted by hand: the run resumes from the newest complete
+    iteration and says so; keep_last never deletes what the run did not write."""
+    args = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml"]
+    first = launch([*args, *overrides(data, tmp_path, "training.steps=2")])
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "latest_checkpointed_iteration.txt").unlink()
+    saved = (checkpoints / "iter_0000002" / "model" / "metadata.json").read_bytes()
+
+    again = launch([*args, *overrides(data, tmp_path, "training.steps=4", "checkpoint.keep_last=2")])
+    assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert f"resumed from {checkpoints / 'iter_0000002'} at step 2 (no latest_checkpointed_iteration.txt" in output
+    assert (checkpoints / "iter_0000002" / "model" / "metadata.json").read_bytes() == saved
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+
+    # checkpoint.resume=false on that folder: refused before step 1, in one line, nothing touched.
+    fresh = launch([*args, *overrides(data, tmp_path, "training.steps=4", "checkpoint.resume=false")])
+    assert fresh.returncode == 2
+    assert fresh.stderr.strip().splitlines()[-1].startswith("megatron-memorizing-train: checkpoint.dir")
+    assert "checkpoint.resume=false" in fresh.stderr and "Traceback" not in fresh.stderr
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]

@@ -17,7 +17,14 @@ layout (and into a model with memory layers that the checkpoint's model lacked).
 
 A save is atomic: every rank writes into `iter_0000100.tmp/`, then rank 0 renames it and only
 then rewrites the tracker file. A run killed at any point leaves the previous checkpoint as the
-latest one; leftover `*.tmp` entries are ignored and removed by the next save.
+latest one; leftover `*.tmp` entries are ignored and removed by the next save. The trainer
+publishes a written checkpoint (`write`, then `publish`) only once the loss computed from its
+weights came out finite, so the checkpoint a diverged run names as good never holds the
+diverged weights.
+
+Nothing this run did not write is deleted: pruning (`keep_last`) removes only checkpoints this
+process saved and those up to the one it resumed from. Without a tracker file (copied
+iterations, a tracker deleted by hand) the newest complete iteration is the latest.
 """
 
 from __future__ import annotations
@@ -103,13 +110,18 @@ class Checkpointer:
             raise CheckpointError("checkpoint.dir is not set: set it to the directory checkpoints go to.")
         self.config = config
         self.root = Path(config.dir)
+        self._written: set[int] = set()  # steps this process saved
+        self._resumed_step: Optional[int] = None  # the step of the checkpoint this run continues
+        self._pending: Optional[tuple[Path, Path, int]] = None  # (tmp, final, step) written, not published
 
     # --- finding ---------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint (the one the tracker file names), or None."""
+        """The newest complete checkpoint: the one the tracker file names; without a tracker file,
+        the newest complete iter_* directory; None if there is none."""
         tracker = self.root / TRACKER
         if not tracker.is_file():
-            return None
+            complete = [step for step in self._complete_steps() if _is_complete(iteration_dir(self.root, step))]
+            return iteration_dir(self.root, complete[-1]) if complete else None
         text = tracker.read_text().strip()
         if not text.isdigit():
             raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number: fix or delete it.")
@@ -127,10 +139,23 @@ class Checkpointer:
         found = (_ITERATION.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir())
         return sorted(int(m.group(1)) for m in found if m)
 
+    def has_tracker(self) -> bool:
+        return (self.root / TRACKER).is_file()
+
     # --- saving ----------------------------------------------------------------------------------
     def save(self, state: TrainState) -> Path:
-        """Write a checkpoint of `state` (collective). Call it after `memories.commit()`: staged,
-        uncommitted memory writes are not part of a checkpoint."""
+        """Write and publish a checkpoint of `state` (collective). Call it after `memories.commit()`:
+        staged, uncommitted memory writes are not part of a checkpoint."""
+        if not self.write(state):
+            raise CheckpointError(f"step {state.step}: the model has non-finite weights; no checkpoint was written.")
+        return self.publish()
+
+    def write(self, state: TrainState) -> bool:
+        """Write a checkpoint of `state` into `iter_N.tmp/` (collective), to be made the latest by
+        `publish()`. Weights that are not all finite are not written: returns False."""
+        if not _all_finite(state.model_chunks):
+            self._pending = None
+            return False
         latest = self.latest()
         if latest is not None and _step_of(latest) >= state.step:
             raise CheckpointError(
@@ -155,11 +180,26 @@ class Checkpointer:
         state.optimizer.save(tmp / "optimizer")
         torch.save(_rank_state(state), tmp / "rank_state" / _rank_file())
         dist.barrier()
-        if rank0:
-            self._publish(tmp, final, state.step)
-            self._prune(state.step)
+        self._pending = (tmp, final, state.step)
+        return True
+
+    def publish(self) -> Optional[Path]:
+        """Make the checkpoint `write` wrote the latest one, and prune (collective); returns it, or
+        None if nothing was waiting."""
+        if self._pending is None:
+            return None
+        tmp, final, step = self._pending
+        self._pending = None
+        self._written.add(step)
+        if dist.get_rank() == 0:
+            self._publish(tmp, final, step)
+            self._prune(step)
         dist.barrier()
         return final
+
+    def discard(self) -> None:
+        """Forget a written, unpublished checkpoint; its `*.tmp` directory goes with the next save."""
+        self._pending = None
 
     def _publish(self, tmp: Path, final: Path, step: int) -> None:
         """Make the fully written `tmp` the latest checkpoint: rename it, then move the tracker."""
@@ -175,12 +215,14 @@ class Checkpointer:
         os.replace(staged, tracker)
 
     def _prune(self, newest: int) -> None:
-        """Keep the `keep_last` newest checkpoints up to `newest`. Later ones can only be left by a
-        run that was killed before its tracker named them: resuming never reaches them."""
-        kept = [step for step in self._complete_steps() if step <= newest][-self.config.keep_last :]
-        for step in self._complete_steps():
-            if step not in kept:
-                _delete(iteration_dir(self.root, step))
+        """Keep the `keep_last` newest checkpoints of this run up to `newest`: the ones this process
+        wrote and those up to the one it resumed from. Any other iteration is left alone."""
+        ours = [
+            step for step in self._complete_steps()
+            if step <= newest and (step in self._written or (self._resumed_step is not None and step <= self._resumed_step))
+        ]
+        for step in ours[: -self.config.keep_last]:
+            _delete(iteration_dir(self.root, step))
 
     def _remove_stale(self) -> None:
         for path in self.root.glob(f"*{_TMP}"):
@@ -218,10 +260,30 @@ class Checkpointer:
         state.optimizer.load(path / "optimizer")
         _set_rng_state(rank_state["rng"])
         state.step, state.extra = rank_state["step"], rank_state["extra"]
+        self._resumed_step = state.step
 
 
 def _step_of(path: Path) -> int:
     return int(_ITERATION.fullmatch(path.name).group(1))
+
+
+def _is_complete(path: Path) -> bool:
+    """Whether `path` holds every part of a checkpoint, every rank's state included."""
+    try:
+        info = _read_info(path)
+    except (CheckpointError, ValueError):
+        return False
+    return len(list((path / "rank_state").glob("rank_*.pt"))) == info.get("world_size")
+
+
+def _all_finite(model_chunks) -> bool:
+    """Whether every weight on every rank is finite (collective)."""
+    parameters = [p for chunk in model_chunks for p in chunk.parameters()]
+    local = all(bool(torch.isfinite(p).all()) for p in parameters)
+    # On the parameters' device: NCCL reduces CUDA tensors only.
+    flag = torch.tensor([1.0 if local else 0.0], device=parameters[0].device if parameters else None)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def resolve(path: str | Path) -> Path:

@@ -25,7 +25,7 @@ from megatron_memorizing.eval.perplexity import Perplexity, evaluate
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
-from megatron_memorizing.training.checkpoint import Checkpointer, TrainState, load_weights
+from megatron_memorizing.training.checkpoint import TRACKER, Checkpointer, CheckpointError, TrainState, load_weights
 from megatron_memorizing.training.config import RunConfig
 from megatron_memorizing.training.logger import TrainingLogger
 from megatron_memorizing.training.optimizer import build_optimizer
@@ -61,10 +61,18 @@ class Trainer:
         # Data, tokenizer and model must agree before any compute is spent.
         check_compatible(config.data.train, model.vocab_size)
 
+        self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
+        existing = self.checkpointer.latest() if self.checkpointer else None
+        if existing is not None and not config.checkpoint.resume:
+            raise CheckpointError(
+                f"checkpoint.dir {self.checkpointer.root} already holds checkpoints (newest: {existing.name}) and "
+                f"checkpoint.resume=false: this run would write over them. Use a fresh checkpoint.dir, or "
+                f"checkpoint.resume=true to continue that run."
+            )
+        resume_from = existing if config.checkpoint.resume else None
+
         self.model_chunks = build_model(model)
         self.memories = ModelMemories(self.model_chunks, model.micro_batch_size)
-        self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
-        resume_from = self.checkpointer.latest() if self.checkpointer and config.checkpoint.resume else None
         if resume_from is None and config.checkpoint.init_from:
             # Before the optimizer exists: ZeRO copies the weights into its fp32 master partitions.
             load_weights(config.checkpoint.init_from, self.model_chunks)
@@ -76,6 +84,11 @@ class Trainer:
         if resume_from is not None:  # model, optimizer, memory, data position, RNG: all of it
             self.checkpointer.load(resume_from, self.state)
         self.logger = TrainingLogger(config.logging, config.training.steps, self.state.step)
+        if resume_from is not None:
+            how = "" if self.checkpointer.has_tracker() else (
+                f" (no {TRACKER} in {self.checkpointer.root}: the newest complete iteration)"
+            )
+            self.logger.message(f"resumed from {resume_from} at step {self.state.step}{how}")
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, batch) -> tuple[float, float]:
@@ -89,12 +102,17 @@ class Trainer:
         loss_sum, tokens = sum_over_data_parallel(torch.tensor([step_loss.loss_sum, step_loss.tokens])).tolist()
         loss = loss_sum / max(tokens, 1.0)
         if not math.isfinite(loss):
-            last = self.checkpointer.latest() if self.checkpointer else None
+            last = None
+            if self.checkpointer:  # the checkpoint of the weights that gave this loss is not a good one
+                self.checkpointer.discard()
+                last = self.checkpointer.latest()
             raise NonFiniteLossError(
                 f"step {state.step + 1}: the loss is {loss}; stopping before the update. The last good "
                 f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower optimizer.lr, raise "
                 f"optimizer.warmup_steps, or check the data around this step."
             )
+        if self.checkpointer:  # its weights gave a finite loss: a good checkpoint
+            self.checkpointer.publish()
         lr = learning_rate(state.step, self.config.optimizer, training.steps)
         result = self.optimizer.step(lr)
         self.memories.commit()
@@ -126,7 +144,10 @@ class Trainer:
             while state.step < training.steps:
                 loss, _ = self.train_step(next(state.stream))
                 if self.checkpointer and (state.step % self.config.checkpoint.interval == 0 or state.step == training.steps):
-                    self.checkpointer.save(state)
+                    # Published by the next step, once its weights give a finite loss.
+                    self.checkpointer.write(state)
+            if self.checkpointer:  # the last one: its weights were checked finite when written
+                self.checkpointer.publish()
                 if training.eval_interval and state.step % training.eval_interval == 0 and state.step < training.steps:
                     self._report(self.validate(), "validation", state.step)
             with_memory = self.validate(with_memory=True)
