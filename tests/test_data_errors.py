@@ -74,7 +74,7 @@ def test_tokenizer_and_vocab_mismatch(copy, data, tmp_path):
     from data_tools.train_tokenizer import train_tokenizer
 
     other = train_tokenizer([data.out / "corpus" / "test.jsonl"], tmp_path / "other.model", vocab_size=500)
-    with pytest.raises(IncompatibleError, match="was tokenized with .* but this run uses .*other.model"):
+    with pytest.raises(IncompatibleError, match="was tokenized with .* but the model uses .*other.model"):
         check_compatible(copy, 1000, other.path)
     shutil.copy(other.path, tmp_path / "tokenizer.model")  # a sibling dataset replaced the shared copy
     with pytest.raises(IncompatibleError, match="not the tokenizer"):

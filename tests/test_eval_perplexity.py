@@ -106,3 +106,30 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     assert report["results"]["no memory"]["change_vs_no_memory"] == 0
     assert report["results"]["memory 256"]["tokens"] == (open_indexed_dataset(data).length - 1).sum()
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer_data(tmp_path_factory):
+    """The same kind of data, tokenized with another tokenizer (another recall vocabulary)."""
+    out = tmp_path_factory.mktemp("recall-other")
+    build(out, RecallSpec(num_keys=48, num_values=6, statements=40), {"train": 3, "validation": 5})
+    return str(out / "validation")
+
+
+@pytest.mark.parametrize("command", ["perplexity", "recall", "inspect_retrieval"])
+def test_data_of_another_tokenizer_is_refused_before_any_number(single_rank, data, other_tokenizer_data, tmp_path,
+                                                                  capsys, command):
+    from megatron_memorizing.eval import inspect_retrieval, recall
+
+    main = {"perplexity": perplexity_cli.main, "recall": recall.main, "inspect_retrieval": inspect_retrieval.main}[command]
+    state = train_state(data, tmp_path / "run" / "checkpoints", segment_length=16)
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(saved.parent), "--data", other_tokenizer_data, "--out" if command != "inspect_retrieval" else "--html",
+              str(tmp_path / "eval")])
+    assert exit_.value.code == 2
+    captured = capsys.readouterr()
+    message = captured.err.strip().splitlines()
+    assert len(message) == 1 and "error:" in message[0]
+    assert str(saved / "tokenizer.model") in message[0] and "tokenizer.model" in message[0].split(other_tokenizer_data)[-1]
+    assert "perplexity" not in captured.out and not (tmp_path / "eval").exists()

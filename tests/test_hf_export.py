@@ -303,6 +303,13 @@ def test_other_bad_inputs(checkpoint, tmp_path, tokenizer_model, capsys):
     )
     with pytest.raises(ExportError, match="not the one the model was trained with"):
         export(run, tmp_path / "out", tokenizer=tmp_path / "big.model")
+    # The same vocabulary size, other pieces: refused too, naming both files.
+    spm.SentencePieceTrainer.train(
+        input=str(STDLIB / "argparse.py"), model_prefix=str(tmp_path / "same_size"), vocab_size=400, minloglevel=2,
+        model_type="bpe", **EXACT_SETTINGS,
+    )
+    with pytest.raises(ExportError, match=r"same_size.model is not the one the model was trained with \(.*tokenizer.model"):
+        export(run, tmp_path / "out", tokenizer=tmp_path / "same_size.model")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
     # An existing export survives a failed overwrite untouched.

@@ -131,3 +131,16 @@ def test_checkpoints_without_a_tracker_are_resumed_not_deleted(data, tmp_path):
     assert fresh.stderr.strip().splitlines()[-1].startswith("megatron-memorizing-train: checkpoint.dir")
     assert "checkpoint.resume=false" in fresh.stderr and "Traceback" not in fresh.stderr
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+
+
+def test_validation_split_of_another_tokenizer_is_refused_before_step_1(data, tmp_path):
+    from data_tools.recall_task import RecallSpec, build
+
+    other = tmp_path / "other"
+    build(other, RecallSpec(num_keys=48, num_values=6, statements=40), {"train": 2, "validation": 2})
+    done = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                   *overrides(data, tmp_path / "run", f"data.validation={other / 'validation'}")])
+    assert done.returncode == 2, done.stderr[-3000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert str(other / "tokenizer.model") in message and str(data.tokenizer) in message
+    assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoints").exists()

@@ -21,6 +21,7 @@ from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenize
 from megatron_memorizing.eval.loading import (
     LoadedModel,
     add_checkpoint_arguments,
+    evaluation_data,
     forward_logits,
     load_checkpoint,
     token_losses,
@@ -200,7 +201,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=1)
-    data = args.data or loaded.config.data.validation
+    data = evaluation_data(loaded, args.data, parser)
     inspection = inspect_document(loaded, data, args.document, args.top, args.neighbours)
     renderer = Renderer(Tokenizer(dataset_tokenizer_path(data, read_manifest(data))), inspection.tokens, args.context)
     title = f"Retrieval in {data}, document {args.document}: {loaded.path}"

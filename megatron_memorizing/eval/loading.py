@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_memorizing.data import Batch
+from megatron_memorizing.data import Batch, DataError, check_compatible, dataset_tokenizer_path, read_manifest
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import initialize_distributed
@@ -42,6 +42,32 @@ class LoadedModel:
     @property
     def step(self) -> int:
         return int(self.path.name.split("_")[-1]) if self.path.name.startswith("iter_") else 0
+
+    @property
+    def tokenizer(self) -> Optional[Path]:
+        """The tokenizer the model was trained with: the checkpoint's copy, else the one its
+        training data names; None if neither is there to read."""
+        own = self.path / "tokenizer.model"
+        if own.is_file():
+            return own
+        try:
+            return dataset_tokenizer_path(self.config.data.train, read_manifest(self.config.data.train))
+        except DataError:
+            return None
+
+
+def evaluation_data(loaded: LoadedModel, data: Optional[str], parser: argparse.ArgumentParser) -> str:
+    """The dataset an evaluation command reads: --data, else the run's validation split. It must
+    be whole and tokenized with the model's own tokenizer; otherwise the command stops here with
+    one line naming both files (exit 2), before any number is computed."""
+    prefix = data or loaded.config.data.validation
+    if not prefix:
+        parser.error("the checkpoint's config names no validation data: pass --data PREFIX")
+    try:
+        check_compatible(prefix, loaded.config.model.vocab_size, tokenizer_path=loaded.tokenizer)
+    except DataError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return prefix
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:

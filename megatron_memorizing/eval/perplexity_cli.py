@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from megatron_memorizing.data import DocumentStream
-from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, load_checkpoint
+from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, evaluation_data, load_checkpoint
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 
@@ -119,9 +119,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
-    data = args.data or loaded.config.data.validation
-    if not data:
-        parser.error("the checkpoint's config names no validation data: pass --data PREFIX")
+    data = evaluation_data(loaded, args.data, parser)
     sizes = args.memory_sizes or [loaded.config.model.memory_size]
     results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True)
 

@@ -24,7 +24,7 @@ import torch
 
 from data_tools.recall_task import DEFINE, QUERY, RecallSpec, fact_word
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, open_indexed_dataset, read_manifest
-from megatron_memorizing.eval.loading import add_checkpoint_arguments, forward_logits, load_checkpoint
+from megatron_memorizing.eval.loading import add_checkpoint_arguments, evaluation_data, forward_logits, load_checkpoint
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
 
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
     model = loaded.config.model
-    data = args.data or loaded.config.data.validation
+    data = evaluation_data(loaded, args.data, parser)
     task = task_tokens(data)
     if model.memory_layers:
         conditions = {"with memory": contextlib.nullcontext, "memory disabled": loaded.memories.disabled}

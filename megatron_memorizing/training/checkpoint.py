@@ -46,7 +46,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-from megatron_memorizing.data import DataError, DocumentStream, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
 
@@ -292,6 +293,17 @@ def resolve(path: str | Path) -> Path:
     if (path / TRACKER).is_file():
         return Checkpointer(CheckpointConfig(dir=str(path))).latest()
     return path
+
+
+def check_checkpoint_tokenizer(path: Path, tokenizer: Path) -> None:
+    """Raise IncompatibleError unless the checkpoint at `path` was trained with `tokenizer` (when
+    the checkpoint carries its tokenizer; older ones may not)."""
+    own = Path(path) / "tokenizer.model"
+    if own.is_file() and file_sha256(own) != file_sha256(tokenizer):
+        raise IncompatibleError(
+            f"{path} was trained with the tokenizer {own}, but this run's data was tokenized with {tokenizer} "
+            f"(sha256 differs): re-tokenize the data with {own}, or start from a checkpoint of this tokenizer."
+        )
 
 
 def load_weights(path: str | Path, model_chunks) -> list[str]:

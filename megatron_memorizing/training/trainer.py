@@ -20,12 +20,20 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_memorizing.data import DocumentStream, check_compatible
+from megatron_memorizing.data import DocumentStream, check_compatible, dataset_tokenizer_path
 from megatron_memorizing.eval.perplexity import Perplexity, evaluate
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
-from megatron_memorizing.training.checkpoint import TRACKER, Checkpointer, CheckpointError, TrainState, load_weights
+from megatron_memorizing.training.checkpoint import (
+    TRACKER,
+    Checkpointer,
+    CheckpointError,
+    TrainState,
+    check_checkpoint_tokenizer,
+    load_weights,
+    resolve,
+)
 from megatron_memorizing.training.config import RunConfig
 from megatron_memorizing.training.logger import TrainingLogger
 from megatron_memorizing.training.optimizer import build_optimizer
@@ -58,8 +66,11 @@ class Trainer:
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        # Data, tokenizer and model must agree before any compute is spent.
-        check_compatible(config.data.train, model.vocab_size)
+        # Data, tokenizer and model must agree before any compute is spent: both splits were
+        # tokenized with one tokenizer, the one of any checkpoint this run starts from.
+        tokenizer = dataset_tokenizer_path(config.data.train, check_compatible(config.data.train, model.vocab_size))
+        if config.data.validation:
+            check_compatible(config.data.validation, model.vocab_size, tokenizer_path=tokenizer)
 
         self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
         existing = self.checkpointer.latest() if self.checkpointer else None
@@ -70,6 +81,9 @@ class Trainer:
                 f"checkpoint.resume=true to continue that run."
             )
         resume_from = existing if config.checkpoint.resume else None
+        start = resume_from or (config.checkpoint.init_from and resolve(config.checkpoint.init_from))
+        if start:
+            check_checkpoint_tokenizer(start, tokenizer)
 
         self.model_chunks = build_model(model)
         self.memories = ModelMemories(self.model_chunks, model.micro_batch_size)
