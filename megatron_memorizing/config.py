@@ -7,6 +7,8 @@ checkpoint and its export can never disagree about, say, which layer has memory.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,7 +21,8 @@ class ConfigError(ValueError):
 
 
 def checked_fields(cls, values: dict, where: str) -> dict:
-    """`values` for dataclass `cls`, refusing unknown names and reading "3e-4"-style strings as floats.
+    """`values` for dataclass `cls`, refusing unknown names and values of the wrong type (naming the
+    field), and reading "3e-4"-style strings as floats.
 
     (YAML 1.1, which PyYAML reads, takes 3e-4 for a string; a float field should still accept it.)
     """
@@ -27,14 +30,43 @@ def checked_fields(cls, values: dict, where: str) -> dict:
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown} in {where}; valid fields are {sorted(fields)}.")
-    out = dict(values)
-    for name, value in values.items():
-        if isinstance(value, str) and isinstance(fields[name].default, float):
-            try:
-                out[name] = float(value)
-            except ValueError:
-                raise ConfigError(f"{where}.{name}={value!r} is not a number.") from None
-    return out
+    hints = typing.get_type_hints(cls)
+    return {name: _checked_value(f"{where}.{name}", value, hints[name]) for name, value in values.items()}
+
+
+_TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+               list: "a list, e.g. [1, 2]", tuple: "a list, e.g. [1, 2]", dict: "a mapping"}
+
+
+def _checked_value(name: str, value, hint):
+    """`value` as field `name` of type `hint` takes it, or a ConfigError naming the field."""
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        optional = len(options) < len(typing.get_args(hint))
+        if value is None and optional:
+            return None
+        hint = options[0] if len(options) == 1 else object
+    kind = typing.get_origin(hint) or hint
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} is not a number.") from None
+    accepted = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, (list, tuple)),
+        tuple: lambda v: isinstance(v, (list, tuple)),
+        dict: lambda v: isinstance(v, dict),
+    }.get(kind)
+    if accepted is not None and not accepted(value):
+        raise ConfigError(
+            f"{name}={value!r} ({type(value).__name__}): expected {_TYPE_NAMES[kind]}{' or null' if optional else ''}."
+        )
+    return float(value) if kind is float else value
 
 
 _MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -42,11 +42,25 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["optimiser.lr=1e-3"], r"unknown config section\(s\) \['optimiser'\]"),
         (["training.stepz=10"], r"unknown field\(s\) \['stepz'\] in training"),
         (["lr=1e-3"], "must look like section.field=value"),
+        (["model.hidden_size='256'"], r"model.hidden_size='256' \(str\): expected a whole number"),
+        (["model.memory_layers=3"], r"model.memory_layers=3 \(int\): expected a list, e.g. \[1, 2\] or null"),
+        (["model.bf16=1"], r"model.bf16=1 \(int\): expected true or false"),
+        (["checkpoint.interval=0"], "checkpoint.interval=0 must be at least 1"),
+        (["logging.interval=0"], "logging.interval=0 must be at least 1"),
+        (["optimizer.lr=[1"], r"--set optimizer.lr=\[1 is not valid YAML"),
     ],
 )
 def test_bad_run_config_is_refused_with_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.load(CONFIGS / "tiny-cpu.yaml", overrides)
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  hidden_size: 256\n  memory_layers: [3\ndata:\n  train: x\n")
+    assert train_main(["--config", str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{broken} is not valid YAML" in err[0] and "at line" in err[0]
 
 
 def test_train_cli_reports_a_bad_config_without_starting(capsys):

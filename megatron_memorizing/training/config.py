@@ -113,8 +113,16 @@ class RunConfig:
             raise ConfigError(
                 f"training.memory_curriculum has a memory size below model.knn_top_k={model.knn_top_k}."
             )
-        if self.checkpoint.keep_last < 1:
-            raise ConfigError("checkpoint.keep_last must be at least 1.")
+        at_least = {
+            "checkpoint.keep_last": (self.checkpoint.keep_last, 1),
+            "checkpoint.interval": (self.checkpoint.interval, 1),
+            "logging.interval": (self.logging.interval, 1),
+            "training.eval_interval": (training.eval_interval, 0),
+            "training.eval_segments": (training.eval_segments, 0),
+        }
+        for name, (value, least) in at_least.items():
+            if value < least:
+                raise ConfigError(f"{name}={value} must be at least {least}.")
 
     def _validate_deepspeed(self) -> None:
         opt, model = self.optimizer, self.model
@@ -177,7 +185,9 @@ class RunConfig:
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist (shipped configs are in configs/).")
-        d = yaml.safe_load(path.read_text()) or {}
+        d = _parse_yaml(path.read_text(), f"{path}") or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path} holds {type(d).__name__}, not a mapping of sections (model:, data:, ...).")
         for override in overrides:
             apply_override(d, override)
         return cls.from_dict(d)
@@ -195,4 +205,14 @@ def apply_override(d: dict, override: str) -> None:
     d.setdefault(section, {})
     if d[section] is None:
         d[section] = {}
-    d[section][name] = yaml.safe_load(value)
+    d[section][name] = _parse_yaml(value, f"--set {override}")
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML: {problem}{at}.") from None
