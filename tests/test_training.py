@@ -144,3 +144,14 @@ def test_validation_split_of_another_tokenizer_is_refused_before_step_1(data, tm
     message = done.stderr.strip().splitlines()[-1]
     assert str(other / "tokenizer.model") in message and str(data.tokenizer) in message
     assert "Traceback" not in done.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_with_another_memory_size_says_what_happens_to_the_memory(data, tmp_path):
+    args = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml"]
+    assert launch([*args, *overrides(data, tmp_path, "training.steps=2")]).returncode == 0
+    grown = launch([*args, *overrides(data, tmp_path, "training.steps=3", "model.memory_size=512")])
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "hold up to 256 pairs per slot and head, this run uses 512 from step 2: it grows, keeping every pair" in grown.stdout
+    shrunk = launch([*args, *overrides(data, tmp_path, "training.steps=4", "model.memory_size=128")])
+    assert shrunk.returncode == 0, shrunk.stderr[-3000:]
+    assert "this run uses 128 from step 3: it shrinks, keeping the newest 128 pairs" in shrunk.stdout

@@ -103,6 +103,26 @@ class Trainer:
                 f" (no {TRACKER} in {self.checkpointer.root}: the newest complete iteration)"
             )
             self.logger.message(f"resumed from {resume_from} at step {self.state.step}{how}")
+            self._say_what_happens_to_the_memory(resume_from)
+
+    def _say_what_happens_to_the_memory(self, checkpoint) -> None:
+        """A resumed run whose memory size differs from the checkpoint's (a changed memory_size or
+        curriculum) resizes the memory at its first step: say how, since curricula rely on it."""
+        if not self.config.model.memory_layers:
+            return
+        step, saved = self.state.step, RunConfig.load(checkpoint / "config.yaml")
+        before = memory_size(step, saved.training.memory_curriculum, saved.model.memory_size)
+        after = memory_size(step, self.config.training.memory_curriculum, self.config.model.memory_size)
+        if after > before:
+            what = "it grows, keeping every pair it holds"
+        elif after < before:
+            what = f"it shrinks, keeping the newest {after} pairs of each slot and head and forgetting older ones"
+        else:
+            return
+        self.logger.message(
+            f"memory size: the checkpoint's memories hold up to {before} pairs per slot and head, this run uses "
+            f"{after} from step {step}: {what}"
+        )
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, batch) -> tuple[float, float]:
