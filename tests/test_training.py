@@ -123,14 +123,14 @@ def test_checkpoints_without_a_tracker_are_resumed_not_deleted(data, tmp_path):
     output = again.stdout + again.stderr
     assert f"resumed from {checkpoints / 'iter_0000002'} at step 2 (no latest_checkpointed_iteration.txt" in output
     assert (checkpoints / "iter_0000002" / "model" / "metadata.json").read_bytes() == saved
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
     # checkpoint.resume=false on that folder: refused before step 1, in one line, nothing touched.
     fresh = launch([*args, *overrides(data, tmp_path, "training.steps=4", "checkpoint.resume=false")])
     assert fresh.returncode == 2
     assert fresh.stderr.strip().splitlines()[-1].startswith("megatron-memorizing-train: checkpoint.dir")
     assert "checkpoint.resume=false" in fresh.stderr and "Traceback" not in fresh.stderr
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
 def test_validation_split_of_another_tokenizer_is_refused_before_step_1(data, tmp_path):
@@ -155,3 +155,26 @@ def test_resuming_with_another_memory_size_says_what_happens_to_the_memory(data,
     shrunk = launch([*args, *overrides(data, tmp_path, "training.steps=4", "model.memory_size=128")])
     assert shrunk.returncode == 0, shrunk.stderr[-3000:]
     assert "this run uses 128 from step 3: it shrinks, keeping the newest 128 pairs" in shrunk.stdout
+
+
+def test_a_second_run_into_the_same_folder_or_an_unwritable_one_stops_before_step_1(data, tmp_path):
+    import fcntl
+
+    args = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml"]
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    with open(checkpoints / ".lock", "a+") as held:  # a run in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("node7 pid 4242\n")
+        held.flush()
+        second = launch([*args, *overrides(data, tmp_path)])
+    assert second.returncode == 2
+    assert f"checkpoint.dir {checkpoints} is in use by another run (node7 pid 4242)" in second.stderr.splitlines()[-1]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock"]
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    unwritable = launch([*args, *overrides(data, tmp_path, f"checkpoint.dir={blocked / 'checkpoints'}")])
+    assert unwritable.returncode == 2
+    assert f"checkpoint.dir {blocked / 'checkpoints'} is not writable" in unwritable.stderr.splitlines()[-1]
+    assert "Traceback" not in second.stderr + unwritable.stderr

@@ -30,11 +30,13 @@ iterations, a tracker deleted by hand) the newest complete iteration is the late
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 
 FORMAT = "megatron-memorizing-checkpoint/1"
 TRACKER = "latest_checkpointed_iteration.txt"
+LOCK = ".lock"  # held by the run writing into the folder
 _ITERATION = re.compile(r"iter_(\d{7,})")
 _TMP = ".tmp"
 # Parameters of the memory itself: the only ones a model may have that its checkpoint lacks.
@@ -114,6 +117,37 @@ class Checkpointer:
         self._written: set[int] = set()  # steps this process saved
         self._resumed_step: Optional[int] = None  # the step of the checkpoint this run continues
         self._pending: Optional[tuple[Path, Path, int]] = None  # (tmp, final, step) written, not published
+
+    # --- owning the folder ------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Claim the checkpoint folder for this run (collective), before step 1: it must be writable,
+        and no other live run may be writing into it. The claim is an advisory lock on `.lock`,
+        which the operating system releases when this run's rank 0 exits, however it exits."""
+        problem = None
+        if dist.get_rank() == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._lock_file = open(self.root / LOCK, "a+")
+                fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._lock_file.seek(0)
+                self._lock_file.truncate()
+                self._lock_file.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+                self._lock_file.flush()
+            except BlockingIOError:
+                holder = (self.root / LOCK).read_text().strip() or "another process"
+                problem = (
+                    f"checkpoint.dir {self.root} is in use by another run ({holder}): two runs writing one folder "
+                    f"would overwrite each other's checkpoints. Wait for it to finish, or use another checkpoint.dir."
+                )
+            except OSError as error:
+                problem = (
+                    f"checkpoint.dir {self.root} is not writable ({error.strerror or error}): fix its permissions "
+                    f"or choose another checkpoint.dir."
+                )
+        verdict = [problem]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise CheckpointError(verdict[0])
 
     # --- finding ---------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:

@@ -73,6 +73,8 @@ class Trainer:
             check_compatible(config.data.validation, model.vocab_size, tokenizer_path=tokenizer)
 
         self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
+        if self.checkpointer:
+            self.checkpointer.lock()
         existing = self.checkpointer.latest() if self.checkpointer else None
         if existing is not None and not config.checkpoint.resume:
             raise CheckpointError(
