@@ -21,7 +21,7 @@ from tqdm import tqdm
 from megatron_memorizing.data.atomic import atomic_path
 from megatron_memorizing.data.errors import DataError
 from megatron_memorizing.data.indexed import check_indexed_files
-from megatron_memorizing.data.manifest import DatasetManifest, manifest_path, write_manifest
+from megatron_memorizing.data.manifest import DatasetManifest, files_sha256, manifest_path, write_manifest
 from megatron_memorizing.data.tokenizer import Tokenizer, file_sha256
 
 from .stats import length_summary
@@ -169,6 +169,7 @@ def preprocess(
         source=str(jsonl),
         command=command,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        files_sha256=files_sha256(out_prefix),
         corpus_stats=dict(corpus_stats or {}, tokens=length_summary(lengths), empty_documents_skipped=totals.empty),
         throughput=dict(
             workers=workers,

@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:
         print(f"megatron-memorizing-train: {error}", file=sys.stderr)
         return 1
+    except DataError as error:  # data found bad during training
+        print(f"megatron-memorizing-train: {error}", file=sys.stderr)
+        return 2
     finally:
         trainer.close()
     if trainer.logger.is_writer:

@@ -91,6 +91,23 @@ def test_manifest_must_match_the_files(copy, data):
         check_compatible(copy, 1000)
 
 
+def test_bytes_overwritten_in_place_are_found_by_checksum(copy, capsys):
+    from data_tools.cli import main as data_main
+
+    assert data_main(["check", str(copy)]) == 0
+    capsys.readouterr()
+    binary = copy.with_suffix(".bin")
+    size = binary.stat().st_size
+    with open(binary, "r+b") as f:  # random bytes, size unchanged
+        f.seek(size // 2)
+        f.write(bytes(range(256)) * 4)
+    assert binary.stat().st_size == size
+    with pytest.raises(CorruptDatasetError, match=r"test.bin is corrupt: its sha256 differs"):
+        check_compatible(copy, 1000)
+    assert data_main(["check", str(copy)]) != 0
+    assert "test.bin is corrupt" in capsys.readouterr().err
+
+
 def test_empty_corpus(tmp_path, data):
     (tmp_path / "src").mkdir()
     with pytest.raises(DataError, match="empty corpus"):

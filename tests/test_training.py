@@ -1,6 +1,8 @@
 """The training entry point end to end, as users launch it (subprocesses on CPU ranks)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +180,38 @@ def test_a_second_run_into_the_same_folder_or_an_unwritable_one_stops_before_ste
     assert unwritable.returncode == 2
     assert f"checkpoint.dir {blocked / 'checkpoints'} is not writable" in unwritable.stderr.splitlines()[-1]
     assert "Traceback" not in second.stderr + unwritable.stderr
+
+
+def copy_split(data, split: str, target: Path) -> Path:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (f"{split}.bin", f"{split}.idx", f"{split}.json", "tokenizer.model"):
+        shutil.copy(data.out / name, target / name)
+    return target / split
+
+
+def test_corrupt_data_is_named_before_step_1_or_at_the_step_that_reads_it(data, tmp_path):
+    args = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml"]
+    # A validation split with bytes overwritten in place: found by checksum before step 1, not
+    # after the last step.
+    validation = copy_split(data, "validation", tmp_path / "validation")
+    with open(validation.with_suffix(".bin"), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 64)
+    done = launch([*args, *overrides(data, tmp_path / "run", f"data.validation={validation}")])
+    assert done.returncode == 2
+    assert f"{validation}.bin is corrupt" in done.stderr.splitlines()[-1]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    # A training split whose manifest predates checksums: the first out-of-vocabulary id is a data
+    # error naming the dataset and the step, not an IndexError.
+    train = copy_split(data, "train", tmp_path / "train")
+    manifest = json.loads(train.with_suffix(".json").read_text())
+    del manifest["files_sha256"]
+    train.with_suffix(".json").write_text(json.dumps(manifest))
+    size = train.with_suffix(".bin").stat().st_size
+    train.with_suffix(".bin").write_bytes(b"\xff" * size)
+    done = launch([*args, *overrides(data, tmp_path / "run2", f"data.train={train}")])
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = done.stderr.splitlines()[-1]
+    assert f"{train}: token id 65535 in the batch of step 1 is outside the model's vocabulary" in message
+    assert "Traceback" not in done.stderr

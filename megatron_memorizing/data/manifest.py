@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_path
-from .errors import DataError, IncompatibleError
+from .errors import CorruptDatasetError, DataError, IncompatibleError
 from .indexed import check_indexed_files
 from .tokenizer import Tokenizer, file_sha256
 
@@ -32,6 +32,9 @@ class DatasetManifest:
     corpus_stats: dict = field(default_factory=dict)
     throughput: dict = field(default_factory=dict)
     format: str = FORMAT
+    # sha256 of the .bin and .idx as written ({"bin": ..., "idx": ...}); empty in manifests
+    # written before checksums were recorded, whose files are then checked by size only.
+    files_sha256: dict = field(default_factory=dict)
 
 
 def manifest_path(prefix) -> Path:
@@ -63,10 +66,26 @@ def dataset_tokenizer_path(prefix, manifest: DatasetManifest) -> Path:
     return Path(prefix).parent / manifest.tokenizer_file
 
 
+def files_sha256(prefix) -> dict:
+    return {suffix: file_sha256(f"{prefix}.{suffix}") for suffix in ("bin", "idx")}
+
+
+def verify_checksums(prefix, manifest: DatasetManifest) -> None:
+    """Raise CorruptDatasetError if the .bin or .idx changed since the manifest was written (bytes
+    overwritten in place keep the size, so only a checksum sees them)."""
+    for suffix, expected in manifest.files_sha256.items():
+        if file_sha256(f"{prefix}.{suffix}") != expected:
+            raise CorruptDatasetError(
+                f"{prefix}.{suffix} is corrupt: its sha256 differs from the one its manifest recorded when it was "
+                f"written; rebuild the dataset (megatron-memorizing-data preprocess or build)"
+            )
+
+
 def check_compatible(dataset_prefix, model_vocab_size: int, tokenizer_path=None) -> DatasetManifest:
     """Raise IncompatibleError (or a DataError subclass) unless the dataset at `dataset_prefix`
     is whole, its tokenizer copy is the one it was made with, `tokenizer_path` (if given) is that
-    same tokenizer, and every token id fits a model with `model_vocab_size` embeddings."""
+    same tokenizer, and every token id fits a model with `model_vocab_size` embeddings. The files'
+    checksums are verified (a few seconds per GB)."""
     manifest = read_manifest(dataset_prefix)
     lengths, bounds, _ = check_indexed_files(dataset_prefix)
     if (len(bounds) - 1, int(lengths.sum())) != (manifest.documents, manifest.tokens):
@@ -75,6 +94,7 @@ def check_compatible(dataset_prefix, model_vocab_size: int, tokenizer_path=None)
             f"its manifest says {manifest.documents} and {manifest.tokens}: the files were replaced "
             "after the manifest was written; rebuild the dataset"
         )
+    verify_checksums(dataset_prefix, manifest)
     own = dataset_tokenizer_path(dataset_prefix, manifest)
     if not own.is_file():
         raise IncompatibleError(

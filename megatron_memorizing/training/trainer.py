@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_memorizing.data import DocumentStream, check_compatible, dataset_tokenizer_path
+from megatron_memorizing.data import DataError, DocumentStream, check_compatible, dataset_tokenizer_path
 from megatron_memorizing.eval.perplexity import Perplexity, evaluate
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
@@ -130,6 +130,13 @@ class Trainer:
     def train_step(self, batch) -> tuple[float, float]:
         """One optimizer step; returns (mean loss, tokens) over all data-parallel ranks."""
         state, training = self.state, self.config.training
+        largest = int(batch.tokens.max())
+        if largest >= self.config.model.vocab_size:
+            raise DataError(
+                f"{self.config.data.train}: token id {largest} in the batch of step {state.step + 1} is outside the "
+                f"model's vocabulary of {self.config.model.vocab_size}: the dataset is corrupt; check it with "
+                f"`megatron-memorizing-data check {self.config.data.train}` and rebuild it"
+            )
         wanted = memory_size(state.step, training.memory_curriculum, self.config.model.memory_size)
         self.memories.resize(wanted)
 
