@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 import patches
+from megatron_memorizing.config import ConfigError
 
 
 def _free_port() -> int:
@@ -62,10 +63,13 @@ def initialize_distributed(
         tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     )
     if world_size % model_parallel_size:
-        raise ValueError(
+        how = "one process: start it with a launcher" if world_size == 1 else f"{world_size} processes"
+        raise ConfigError(
             f"world size {world_size} is not a multiple of tensor ({tensor_model_parallel_size}) x "
             f"pipeline ({pipeline_model_parallel_size}) x context ({context_parallel_size}) "
-            f"parallel sizes = {model_parallel_size}"
+            f"parallel sizes = {model_parallel_size} ({how}): run {model_parallel_size} processes or a "
+            f"multiple, e.g. NPROC={model_parallel_size} launch_scripts/local_cpu.sh CONFIG on CPU, or "
+            f"NUM_GPUS={model_parallel_size} launch_scripts/gpu_node.sh CONFIG"
         )
     on_gpu = torch.cuda.is_available()
     if not on_gpu:

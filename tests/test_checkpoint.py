@@ -134,6 +134,10 @@ def test_resume_and_weights_refuse_another_model(single_rank, data, tmp_path):
     with pytest.raises(CheckpointError, match=r"another model \(memory_layers: saved \[3\], now \[2\]\).*init_from"):
         Checkpointer(other.run_config.checkpoint).load(saved, other)
     wider = train_state(data, tmp_path / "checkpoints", vocab_size=2048)
+    # A model of another shape cannot take the weights: init_from is not offered as the fix.
+    with pytest.raises(CheckpointError, match=r"vocab_size: saved 1024, now 2048\).*from scratch") as refused:
+        Checkpointer(wider.run_config.checkpoint).load(saved, wider)
+    assert "init_from" not in str(refused.value)
     with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight \(checkpoint \(1024, 64\), model \(2048, 64\)\)"):
         load_weights(saved, wider.model_chunks)
     deeper = train_state(data, tmp_path / "checkpoints", num_layers=6)

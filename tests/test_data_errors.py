@@ -108,6 +108,15 @@ def test_bytes_overwritten_in_place_are_found_by_checksum(copy, capsys):
     assert "test.bin is corrupt" in capsys.readouterr().err
 
 
+def test_a_mistyped_dataset_path_names_the_slip(copy, tmp_path):
+    with pytest.raises(DataError, match=r"test.bin ends in .bin: .* without the extension; use .*test$"):
+        check_compatible(copy.with_suffix(".bin"), 1000)
+    with pytest.raises(DataError, match=r"no dataset at .*tset \(no tset.bin/.idx/.json; datasets there: test\)"):
+        check_compatible(copy.with_name("tset"), 1000)
+    with pytest.raises(DataError, match=r"no dataset at .*nowhere/test .*nowhere does not exist"):
+        check_compatible(tmp_path / "nowhere" / "test", 1000)
+
+
 def test_empty_corpus(tmp_path, data):
     (tmp_path / "src").mkdir()
     with pytest.raises(DataError, match="empty corpus"):

@@ -49,6 +49,7 @@ def write_manifest(prefix, manifest: DatasetManifest) -> None:
 def read_manifest(prefix) -> DatasetManifest:
     path = manifest_path(prefix)
     if not path.is_file():
+        check_prefix(prefix)
         raise DataError(
             f"{path} not found: {prefix}.bin/.idx have no manifest, so the tokenizer that made them is "
             "unknown; (re)build the dataset with `megatron-memorizing-data preprocess`"
@@ -60,6 +61,26 @@ def read_manifest(prefix) -> DatasetManifest:
         return DatasetManifest(**fields)
     except (ValueError, TypeError) as error:
         raise DataError(f"{path} is not a valid dataset manifest ({error}); rebuild the dataset") from None
+
+
+def check_prefix(prefix) -> None:
+    """Raise DataError, naming the likely slip, if `prefix` names no dataset at all: a path given
+    with its extension, or a path where nothing was built."""
+    prefix = Path(prefix)
+    if prefix.suffix in (".bin", ".idx", ".json") and not Path(f"{prefix}.bin").exists():
+        raise DataError(
+            f"{prefix} ends in {prefix.suffix}: a dataset is named by its prefix, without the extension; "
+            f"use {prefix.with_suffix('')}"
+        )
+    if not any(Path(f"{prefix}.{suffix}").exists() for suffix in ("bin", "idx", "json")):
+        found = sorted(p.stem for p in prefix.parent.glob("*.json")) if prefix.parent.is_dir() else []
+        hint = f"datasets there: {', '.join(found)}" if found else (
+            f"{prefix.parent} does not exist" if not prefix.parent.is_dir() else "no dataset there"
+        )
+        raise DataError(
+            f"no dataset at {prefix} (no {prefix.name}.bin/.idx/.json; {hint}): check the path, or build it "
+            f"with `megatron-memorizing-data build`"
+        )
 
 
 def dataset_tokenizer_path(prefix, manifest: DatasetManifest) -> Path:

@@ -71,6 +71,11 @@ _RESUME_FIELDS = (
     "share_embeddings_and_output_weights", "memory_layers", "memory_dtype", "xl_cache",
     "segment_length", "micro_batch_size", "num_micro_batches",
 )
+# Those of them that shape the weights: a model differing in one cannot take the checkpoint's weights.
+_WEIGHT_SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "kv_channels", "num_query_groups", "ffn_hidden_size",
+    "vocab_size", "position_embedding_type", "normalization", "share_embeddings_and_output_weights",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -444,12 +449,15 @@ def _read_info(path: Path) -> dict:
 def _check_same_model(path: Path, run_config: RunConfig) -> None:
     saved = RunConfig.load(path / "config.yaml").model.to_dict()
     mine = run_config.model.to_dict()
-    differ = [f"{name}: saved {saved[name]}, now {mine[name]}" for name in _RESUME_FIELDS if saved[name] != mine[name]]
-    if differ:
-        raise CheckpointError(
-            f"{path} was saved by another model ({'; '.join(differ)}). Resuming needs the model that saved "
-            f"it; to start from its weights instead, set checkpoint.init_from={path}."
-        )
+    changed = [name for name in _RESUME_FIELDS if saved[name] != mine[name]]
+    if changed:
+        differ = "; ".join(f"{name}: saved {saved[name]}, now {mine[name]}" for name in changed)
+        if any(name in _WEIGHT_SHAPE_FIELDS for name in changed):
+            fix = (f"its weights do not fit this model either, so train it from scratch in a fresh "
+                   f"checkpoint.dir, or set the model back to the saved values")
+        else:
+            fix = f"to start from its weights instead, set checkpoint.init_from={path} and a fresh checkpoint.dir"
+        raise CheckpointError(f"{path} was saved by another model ({differ}). Resuming needs the model that saved it; {fix}.")
 
 
 # --- model weights ---------------------------------------------------------------------------------
