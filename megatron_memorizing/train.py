@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = trainer.fit()
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, CheckpointError) as error:
         print(f"megatron-memorizing-train: {error}", file=sys.stderr)
         return 1
     except DataError as error:  # data found bad during training

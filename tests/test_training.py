@@ -215,3 +215,21 @@ def test_corrupt_data_is_named_before_step_1_or_at_the_step_that_reads_it(data, 
     message = done.stderr.splitlines()[-1]
     assert f"{train}: token id 65535 in the batch of step 1 is outside the model's vocabulary" in message
     assert "Traceback" not in done.stderr
+
+
+def test_a_full_disk_is_named_and_the_partial_save_removed(data, tmp_path):
+    """A checkpoint folder on a 1 MiB tmpfs (the tests run as root): the first save cannot fit."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], check=True)
+    try:
+        done = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                       *overrides(data, tmp_path, f"checkpoint.dir={disk / 'checkpoints'}", "training.steps=2")])
+        assert done.returncode == 1
+        message = done.stderr.strip().splitlines()[-1]
+        assert f"no space left on the device of checkpoint.dir {disk / 'checkpoints'} while saving step 2" in message
+        assert "the latest checkpoint, none yet, is intact" in message
+        assert "Traceback" not in done.stderr
+        assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == [".lock"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -30,6 +30,7 @@ iterations, a tracker deleted by hand) the newest complete iteration is the late
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 FORMAT = "megatron-memorizing-checkpoint/1"
 TRACKER = "latest_checkpointed_iteration.txt"
 LOCK = ".lock"  # held by the run writing into the folder
+_DISK_FULL = 64 * 2**20  # bytes free below which a failed save is put down to a full disk
 _ITERATION = re.compile(r"iter_(\d{7,})")
 _TMP = ".tmp"
 # Parameters of the memory itself: the only ones a model may have that its checkpoint lacks.
@@ -205,23 +207,41 @@ class Checkpointer:
             )
         final = iteration_dir(self.root, state.step)
         tmp = final.with_name(final.name + _TMP)
-        rank0 = dist.get_rank() == 0
-        if rank0:
-            self._remove_stale()
-            for part in ("model", "optimizer", "rank_state"):
-                (tmp / part).mkdir(parents=True)
-            info = {"format": FORMAT, "step": state.step, "layout": current_layout(),
-                    "world_size": dist.get_world_size()}
-            (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
-            state.run_config.save(tmp / "config.yaml")
-            _copy_tokenizer(state.run_config, tmp)
-        dist.barrier()
-        dist_checkpointing.save(_model_state(state.model_chunks), str(tmp / "model"))
-        state.optimizer.save(tmp / "optimizer")
-        torch.save(_rank_state(state), tmp / "rank_state" / _rank_file())
+        with self._disk_full_named(tmp, state.step):
+            if dist.get_rank() == 0:
+                self._remove_stale()
+                for part in ("model", "optimizer", "rank_state"):
+                    (tmp / part).mkdir(parents=True)
+                info = {"format": FORMAT, "step": state.step, "layout": current_layout(),
+                        "world_size": dist.get_world_size()}
+                (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
+                state.run_config.save(tmp / "config.yaml")
+                _copy_tokenizer(state.run_config, tmp)
+            dist.barrier()
+            dist_checkpointing.save(_model_state(state.model_chunks), str(tmp / "model"))
+            state.optimizer.save(tmp / "optimizer")
+            torch.save(_rank_state(state), tmp / "rank_state" / _rank_file())
         dist.barrier()
         self._pending = (tmp, final, state.step)
         return True
+
+    @contextlib.contextmanager
+    def _disk_full_named(self, tmp: Path, step: int):
+        """A save that runs out of disk space fails deep inside torch's writers ("[enforce fail at
+        inline_container.cc]", "iostream error"): name the cause instead, after removing the
+        partial save (only its own `*.tmp` directory)."""
+        try:
+            yield
+        except (OSError, RuntimeError) as error:
+            if not (getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.root).free < _DISK_FULL):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free / 2**20
+            raise CheckpointError(
+                f"no space left on the device of checkpoint.dir {self.root} while saving step {step} "
+                f"({free:.1f} MiB free after removing the partial save): free space or move checkpoint.dir; "
+                f"the latest checkpoint, {self.latest() or 'none yet'}, is intact."
+            ) from None
 
     def publish(self) -> Optional[Path]:
         """Make the checkpoint `write` wrote the latest one, and prune (collective); returns it, or
