@@ -7,9 +7,11 @@ srun (via launch_scripts/), or as one plain process.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from megatron_memorizing.config import ConfigError
+from megatron_memorizing.lifetime import die_with_parent, exit_cleanly_on_signals
 from megatron_memorizing.training.config import RunConfig
 
 
@@ -32,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_cleanly_on_signals()
+    if "LOCAL_RANK" in os.environ:  # started by a launcher: stop when it does, even if it is killed
+        die_with_parent()
     try:
         config = RunConfig.load(args.config, args.set)
     except ConfigError as error:  # before any process group: a clean message, no traceback

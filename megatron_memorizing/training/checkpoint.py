@@ -53,6 +53,7 @@ from megatron_memorizing.data import DataError, DocumentStream, IncompatibleErro
 from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+from patches.checkpoint_writer import tie_checkpoint_writer_to_this_process
 
 if TYPE_CHECKING:
     from megatron_memorizing.training.optimizer import OptimizerBackend
@@ -218,6 +219,7 @@ class Checkpointer:
                 state.run_config.save(tmp / "config.yaml")
                 _copy_tokenizer(state.run_config, tmp)
             dist.barrier()
+            tie_checkpoint_writer_to_this_process()  # its helper process must not outlive this rank
             dist_checkpointing.save(_model_state(state.model_chunks), str(tmp / "model"))
             state.optimizer.save(tmp / "optimizer")
             torch.save(_rank_state(state), tmp / "rank_state" / _rank_file())
