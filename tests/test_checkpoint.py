@@ -14,7 +14,14 @@ from fixtures.data_corpus import build_small_data
 from scripts.ckpt_weights import segment_losses, train_state
 
 from distributed import SCRIPTS, TorchrunError, run_torchrun
-from megatron_memorizing.training.checkpoint import TRACKER, Checkpointer, CheckpointError, load_weights
+from megatron_memorizing.data import IncompatibleError
+from megatron_memorizing.training.checkpoint import (
+    TRACKER,
+    Checkpointer,
+    CheckpointError,
+    check_checkpoint_tokenizer,
+    load_weights,
+)
 from megatron_memorizing.training.config import CheckpointConfig
 
 GATE = ["decoder.layers.2.self_attention.core_attention.gate_bias",
@@ -105,6 +112,18 @@ def test_pruning_deletes_only_this_runs_checkpoints(single_rank, data, tmp_path)
         state.step = step
         checkpointer.save(state)
     assert listing(root) == ["iter_0000005", "iter_0000006", "iter_0000300", TRACKER]
+
+
+def test_a_checkpoint_of_another_tokenizer_is_refused(single_rank, data, tmp_path):
+    import sentencepiece as spm
+
+    state = train_state(data, tmp_path / "checkpoints")
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+    check_checkpoint_tokenizer(saved, data.parent / "tokenizer.model")  # its own: fine
+    spm.SentencePieceTrainer.train(input=str(data.parent / "train.json"), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=100, minloglevel=2)
+    with pytest.raises(IncompatibleError, match=rf"{saved} was trained with the tokenizer .*tokenizer.model, but .*other.model"):
+        check_checkpoint_tokenizer(saved, tmp_path / "other.model")
 
 
 def test_bad_directories_are_named(single_rank, data, tmp_path):
