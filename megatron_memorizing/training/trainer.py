@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -66,26 +67,10 @@ class Trainer:
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-        # Data, tokenizer and model must agree before any compute is spent: both splits were
-        # tokenized with one tokenizer, the one of any checkpoint this run starts from.
-        tokenizer = dataset_tokenizer_path(config.data.train, check_compatible(config.data.train, model.vocab_size))
-        if config.data.validation:
-            check_compatible(config.data.validation, model.vocab_size, tokenizer_path=tokenizer)
-
+        # Everything that can be checked is checked before any compute is spent.
+        tokenizer = self._check_data()
         self.checkpointer = Checkpointer(config.checkpoint) if config.checkpoint.dir else None
-        if self.checkpointer:
-            self.checkpointer.lock()
-        existing = self.checkpointer.latest() if self.checkpointer else None
-        if existing is not None and not config.checkpoint.resume:
-            raise CheckpointError(
-                f"checkpoint.dir {self.checkpointer.root} already holds checkpoints (newest: {existing.name}) and "
-                f"checkpoint.resume=false: this run would write over them. Use a fresh checkpoint.dir, or "
-                f"checkpoint.resume=true to continue that run."
-            )
-        resume_from = existing if config.checkpoint.resume else None
-        start = resume_from or (config.checkpoint.init_from and resolve(config.checkpoint.init_from))
-        if start:
-            check_checkpoint_tokenizer(start, tokenizer)
+        resume_from = self._claim_checkpoints(tokenizer)
 
         self.model_chunks = build_model(model)
         self.memories = ModelMemories(self.model_chunks, model.micro_batch_size)
@@ -106,6 +91,35 @@ class Trainer:
             )
             self.logger.message(f"resumed from {resume_from} at step {self.state.step}{how}")
             self._say_what_happens_to_the_memory(resume_from)
+
+    def _check_data(self) -> Path:
+        """Both splits are whole and were tokenized with one tokenizer, whose ids the model embeds;
+        returns that tokenizer."""
+        data, vocab_size = self.config.data, self.config.model.vocab_size
+        tokenizer = dataset_tokenizer_path(data.train, check_compatible(data.train, vocab_size))
+        if data.validation:
+            check_compatible(data.validation, vocab_size, tokenizer_path=tokenizer)
+        return tokenizer
+
+    def _claim_checkpoints(self, tokenizer: Path) -> Optional[Path]:
+        """Lock the checkpoint folder for this run; returns the checkpoint to resume from, if any.
+        A checkpoint this run starts from (resumed or `init_from`) must share the data's tokenizer."""
+        checkpoint = self.config.checkpoint
+        existing = None
+        if self.checkpointer:
+            self.checkpointer.lock()
+            existing = self.checkpointer.latest()
+        if existing is not None and not checkpoint.resume:
+            raise CheckpointError(
+                f"checkpoint.dir {self.checkpointer.root} already holds checkpoints (newest: {existing.name}) and "
+                f"checkpoint.resume=false: this run would write over them. Use a fresh checkpoint.dir, or "
+                f"checkpoint.resume=true to continue that run."
+            )
+        resume_from = existing if checkpoint.resume else None
+        start = resume_from or (checkpoint.init_from and resolve(checkpoint.init_from))
+        if start:
+            check_checkpoint_tokenizer(start, tokenizer)
+        return resume_from
 
     def _say_what_happens_to_the_memory(self, checkpoint) -> None:
         """A resumed run whose memory size differs from the checkpoint's (a changed memory_size or
@@ -189,10 +203,10 @@ class Trainer:
                 if self.checkpointer and (state.step % self.config.checkpoint.interval == 0 or state.step == training.steps):
                     # Published by the next step, once its weights give a finite loss.
                     self.checkpointer.write(state)
-            if self.checkpointer:  # the last one: its weights were checked finite when written
-                self.checkpointer.publish()
                 if training.eval_interval and state.step % training.eval_interval == 0 and state.step < training.steps:
                     self._report(self.validate(), "validation", state.step)
+            if self.checkpointer:  # the last one: its weights were checked finite when written
+                self.checkpointer.publish()
             with_memory = self.validate(with_memory=True)
             # Decided from the config, not this rank's layers: every rank must take part in evaluation.
             without_memory = self.validate(with_memory=False) if self.config.model.memory_layers else None
