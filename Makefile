@@ -4,6 +4,7 @@
 # Each creates the virtual environment in .venv first if needed, from the tested line of the
 # Python it is given: `make test` (python3), `make test PYTHON=python3.12`.
 #   make test-latest   the suite against the newest releases (recorded in docs/latest_releases.md)
+#   make wheelhouse    wheels for the offline GPU check (benchmarks/gpu_check.sh), into wheelhouse/
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,7 +15,7 @@ LOCK   := constraints/py$(PYTHON_VERSION).txt
 # torch first, alone: with no torch installed, a package asking for `torch` pulls the newest build.
 TORCH  := torch==2.13.0
 
-.PHONY: setup train test test-latest
+.PHONY: setup train test test-latest wheelhouse
 
 $(VENV)/.installed-py$(PYTHON_VERSION): pyproject.toml $(LOCK)
 	@test -n "$(PYTHON_VERSION)" || { echo "error: '$(PYTHON)' is not a Python interpreter: pass PYTHON=python3.11 or PYTHON=python3.12" >&2; exit 2; }
@@ -37,3 +38,6 @@ test: setup
 
 test-latest:
 	PYTHON=$(PYTHON) .ci/test-latest
+
+wheelhouse:
+	benchmarks/build_wheelhouse.sh wheelhouse

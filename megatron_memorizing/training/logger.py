@@ -10,6 +10,7 @@ import math
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -52,12 +53,16 @@ class TrainingLogger:
         }
         for rank_stats in gathered:  # TP ranks of a stage report the same layers: any copy will do
             scalars.update(rank_stats)
+        if torch.cuda.is_available():  # this rank's peak, as Megatron-LM logs it
+            scalars["memory/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         gates = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/gate"))
         self.progress.write(
             f"step {step:>6} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):9.2f} | lr {lr:.2e} | "
-            f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s" + (f" | gate {gates}" if gates else "")
+            f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"
+            + (f" | {scalars['memory/gpu_max_allocated_gib']:.2f} GiB peak" if torch.cuda.is_available() else "")
+            + (f" | gate {gates}" if gates else "")
         )
 
     def scalars(self, values: dict, step: int) -> None:

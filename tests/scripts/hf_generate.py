@@ -2,7 +2,7 @@
 
 Run in a fresh process outside the repository: everything must come from the export directory.
 
-    python hf_generate.py EXPORT_DIR TOKENS_JSON TEXT RESULT_JSON
+    python hf_generate.py EXPORT_DIR TOKENS_JSON TEXT RESULT_JSON [DEVICE]
 """
 
 import json
@@ -36,10 +36,10 @@ def beam_search(model, prompt):
     return out.sequences_scores[0].item(), reread.item()
 
 
-def main(path, tokens_json, text, result_path):
+def main(path, tokens_json, text, result_path, device="cpu"):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    tokens = torch.tensor(json.loads(tokens_json))
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval().to(device)
+    tokens = torch.tensor(json.loads(tokens_json), device=device)
     prompt = tokens[:1, :PROMPT]
     with torch.no_grad():
         logits = model(tokens).logits
@@ -65,7 +65,8 @@ def main(path, tokens_json, text, result_path):
     ids = tokenizer(text)["input_ids"]
     result = {
         "project_imported": any(name.split(".")[0] == "megatron_memorizing" for name in sys.modules),
-        "logits": logits.tolist(),
+        "device": str(logits.device),
+        "logits": logits.cpu().tolist(),
         "first": first,
         "second": second,
         "manual": manual[0].tolist(),
