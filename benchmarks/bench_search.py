@@ -61,8 +61,9 @@ class PeakMemory:
         raise RuntimeError(f"{field} missing from /proc/self/status")
 
 
-def build(size, args, **options):
-    mem = KNNMemory(1, args.heads, size, args.head_dim, device=args.device, search_chunk_size=args.chunk, **options)
+def build(size, args, chunk=None, **options):
+    chunk = size if chunk == "all" else chunk or args.chunk
+    mem = KNNMemory(1, args.heads, size, args.head_dim, device=args.device, search_chunk_size=chunk, **options)
     # filled in pieces so that staging temporaries stay small next to what search allocates
     for start in range(0, size, 4096):
         n = min(4096, size - start)
@@ -118,6 +119,7 @@ def main():
 
     variants = [
         ("torch fp32", dict(dtype=torch.float32)),
+        ("plain matmul + topk (fp32, unchunked)", dict(dtype=torch.float32, chunk="all")),
         ("torch bf16 + fp32 rerank", dict(dtype=torch.bfloat16)),
         ("torch bf16, fp32 scores", dict(dtype=torch.bfloat16, score_dtype=torch.float32)),
     ]
