@@ -35,6 +35,18 @@ def test_code_round_trips_exactly(data):
         assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+def test_bytes_per_id_add_up_to_the_text(data):
+    """What bits per byte divides by: the bytes the ids stand for are the text's UTF-8 bytes, for
+    code with indentation, non-ASCII letters and characters the tokenizer only knows as bytes."""
+    tokenizer = Tokenizer(data.tokenizer)
+    table = tokenizer.bytes_per_id()
+    text = "def café(naïve):\n    return '\u2603 \U0001f600'  # ünïcödé\n\n\tpass\n"
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert sum(table[i] for i in ids) == len(text.encode("utf-8"))
+    assert table[tokenizer.eod_id] == 0
+
+
 def test_dataset_holds_each_document_then_end_of_document(data):
     tokenizer = Tokenizer(data.tokenizer)
     dataset = IndexedDataset(str(data.prefix("validation")))  # Megatron's own reader

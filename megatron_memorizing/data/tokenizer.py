@@ -55,3 +55,13 @@ class Tokenizer:
 
     def piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
+
+    def bytes_per_id(self) -> list[int]:
+        """How many UTF-8 bytes of text each id stands for: what bits per byte divides by. Control
+        and unknown pieces (the end-of-document id among them) stand for none, a byte-fallback
+        piece for one, a piece for its text ("▁" being a space)."""
+        sp = self._sp
+        return [
+            0 if sp.IsControl(i) or sp.IsUnknown(i) else 1 if sp.IsByte(i) else len(sp.IdToPiece(i).replace("▁", " ").encode())
+            for i in range(sp.GetPieceSize())
+        ]

@@ -28,6 +28,7 @@ class Perplexity:
     tokens: float
     # bucket start -> (loss_sum, tokens); bucket b covers positions [edges[b], edges[b+1])
     by_position: dict[int, tuple[float, float]] = field(default_factory=dict)
+    text_bytes: float = 0.0  # UTF-8 bytes of text the predicted tokens stand for (0: not counted)
 
     @property
     def loss(self) -> float:
@@ -36,6 +37,11 @@ class Perplexity:
     @property
     def perplexity(self) -> float:
         return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> Optional[float]:
+        """The loss in bits per byte of text: comparable across tokenizers and corpora."""
+        return self.loss_sum / math.log(2) / self.text_bytes if self.text_bytes else None
 
     def position_table(self) -> list[tuple[int, float, float]]:
         """(bucket start, perplexity, tokens) rows for buckets with tokens."""
@@ -49,8 +55,12 @@ def evaluate(
     stream: DocumentStream,
     max_steps: Optional[int] = None,
     progress: bool = False,
+    bytes_per_id: Optional[list[int]] = None,
 ) -> Perplexity:
     """Stream `stream` (loop=False: every document once) through the model; all ranks get the result.
+
+    With `bytes_per_id` (`Tokenizer.bytes_per_id()`) the text bytes of the predicted tokens are
+    counted too, for bits per byte.
 
     The memories are left holding the evaluation documents: snapshot and restore them around this
     call if training continues afterwards.
@@ -58,7 +68,9 @@ def evaluate(
     for chunk in model_chunks:
         chunk.eval()
     edges = torch.tensor(POSITION_EDGES)
-    bucket_sums = torch.zeros(2, len(edges), dtype=torch.float64)
+    # Rows: loss sum, tokens, text bytes; one column per position bucket.
+    bucket_sums = torch.zeros(3, len(edges), dtype=torch.float64)
+    byte_table = torch.tensor(bytes_per_id or [], dtype=torch.float64)
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     total_steps = stream.total_steps if max_steps is None else min(max_steps, stream.total_steps or max_steps)
     try:
@@ -70,9 +82,12 @@ def evaluate(
                 bucket = (torch.bucketize(positions, edges, right=True) - 1).flatten()
                 bucket_sums[0].index_add_(0, bucket, step.token_losses.flatten().cpu().double())
                 bucket_sums[1].index_add_(0, bucket, batch.loss_mask.flatten().cpu().double())
+                if len(byte_table):
+                    text_bytes = byte_table[batch.labels.flatten().cpu()] * batch.loss_mask.flatten().cpu().double()
+                    bucket_sums[2].index_add_(0, bucket, text_bytes)
     finally:
         for chunk in model_chunks:
             chunk.train()
     sums = sum_over_data_parallel(bucket_sums)
     by_position = {POSITION_EDGES[b]: (sums[0, b].item(), sums[1, b].item()) for b in range(len(POSITION_EDGES))}
-    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position)
+    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position, sums[2].sum().item())

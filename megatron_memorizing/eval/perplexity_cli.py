@@ -15,7 +15,7 @@ import argparse
 import math
 from pathlib import Path
 
-from megatron_memorizing.data import DocumentStream
+from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, read_manifest
 from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, evaluation_data, load_checkpoint
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
@@ -30,10 +30,11 @@ def memory_label(size: int) -> str:
 def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False) -> dict[str, Perplexity]:
     """One pass per memory size, and one with memory disabled, over the same documents."""
     model, memories = loaded.config.model, loaded.memories
+    bytes_per_id = Tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
 
     def run() -> Perplexity:
         stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
-        return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress)
+        return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress, bytes_per_id=bytes_per_id)
 
     results = {}
     if model.memory_layers:
@@ -75,7 +76,8 @@ def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> d
         segment_length=loaded.config.model.segment_length,
         results={
             name: dict(
-                loss=r.loss, perplexity=r.perplexity, tokens=r.tokens,
+                loss=r.loss, perplexity=r.perplexity, bits_per_byte=r.bits_per_byte, tokens=r.tokens,
+                text_bytes=r.text_bytes,
                 change_vs_no_memory=(r.perplexity / baseline.perplexity - 1) if baseline else None,
                 by_position=[
                     dict(start=start, perplexity=ppl, tokens=n) for start, ppl, n in r.position_table()
@@ -126,8 +128,8 @@ def main(argv=None) -> int:
     baseline = results.get(NO_MEMORY)
     print(f"{loaded.path} on {data} ({next(iter(results.values())).tokens:,.0f} tokens)")
     print(table(
-        ["condition", "loss", "perplexity", "vs no memory"],
-        [[name, f"{r.loss:.4f}", f"{r.perplexity:.3f}",
+        ["condition", "loss", "perplexity", "bits per byte", "vs no memory"],
+        [[name, f"{r.loss:.4f}", f"{r.perplexity:.3f}", f"{r.bits_per_byte:.4f}",
           f"{100 * (r.perplexity / baseline.perplexity - 1):+.2f}%" if baseline else ""] for name, r in results.items()],
     ))
     print("\nperplexity by position in the document")
