@@ -115,6 +115,12 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
         loss_sum = result["loss"] * result["tokens"]
         assert result["bits_per_byte"] == pytest.approx(loss_sum / math.log(2) / text_bytes, rel=1e-9)
     assert "bits per byte" in printed
+    # Long-range tokens: the same tokens in every condition (a property of the documents), and
+    # the recall task's repeated statements provide some.
+    far = {name: r["long_range_by_segments_back"] for name, r in report["results"].items()}
+    counts = {name: [(row["start"], row["tokens"]) for row in rows] for name, rows in far.items()}
+    assert len(set(map(tuple, counts.values()))) == 1 and sum(n for _, n in counts["no memory"]) > 0
+    assert "loss on long-range tokens" in printed
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_memorizing.data import DocumentStream
+from megatron_memorizing.eval.long_range import DISTANCE_EDGES, LongRangeTokens
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
 
@@ -29,6 +30,8 @@ class Perplexity:
     # bucket start -> (loss_sum, tokens); bucket b covers positions [edges[b], edges[b+1])
     by_position: dict[int, tuple[float, float]] = field(default_factory=dict)
     text_bytes: float = 0.0  # UTF-8 bytes of text the predicted tokens stand for (0: not counted)
+    # long-range tokens (eval/long_range.py): distance bucket start (segments back) -> (loss_sum, tokens)
+    long_range: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
@@ -56,11 +59,13 @@ def evaluate(
     max_steps: Optional[int] = None,
     progress: bool = False,
     bytes_per_id: Optional[list[int]] = None,
+    long_range: Optional[LongRangeTokens] = None,
 ) -> Perplexity:
     """Stream `stream` (loop=False: every document once) through the model; all ranks get the result.
 
     With `bytes_per_id` (`Tokenizer.bytes_per_id()`) the text bytes of the predicted tokens are
-    counted too, for bits per byte.
+    counted too, for bits per byte; with `long_range` (fresh for this stream), the loss on
+    long-range tokens by distance.
 
     The memories are left holding the evaluation documents: snapshot and restore them around this
     call if training continues afterwards.
@@ -71,6 +76,7 @@ def evaluate(
     # Rows: loss sum, tokens, text bytes; one column per position bucket.
     bucket_sums = torch.zeros(3, len(edges), dtype=torch.float64)
     byte_table = torch.tensor(bytes_per_id or [], dtype=torch.float64)
+    range_sums = torch.zeros(2, len(DISTANCE_EDGES), dtype=torch.float64)
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     total_steps = stream.total_steps if max_steps is None else min(max_steps, stream.total_steps or max_steps)
     try:
@@ -85,9 +91,17 @@ def evaluate(
                 if len(byte_table):
                     text_bytes = byte_table[batch.labels.flatten().cpu()] * batch.loss_mask.flatten().cpu().double()
                     bucket_sums[2].index_add_(0, bucket, text_bytes)
+                if long_range is not None:
+                    distance = long_range.mark(batch.tokens, batch.labels, batch.new_document, batch.offsets).flatten()
+                    chosen = (distance >= 0) & (batch.loss_mask.flatten().cpu() > 0)
+                    range_sums[0].index_add_(0, distance[chosen], step.token_losses.flatten().cpu().double()[chosen])
+                    range_sums[1].index_add_(0, distance[chosen], torch.ones(int(chosen.sum()), dtype=torch.float64))
     finally:
         for chunk in model_chunks:
             chunk.train()
     sums = sum_over_data_parallel(bucket_sums)
     by_position = {POSITION_EDGES[b]: (sums[0, b].item(), sums[1, b].item()) for b in range(len(POSITION_EDGES))}
-    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position, sums[2].sum().item())
+    far = sum_over_data_parallel(range_sums)
+    by_distance = {DISTANCE_EDGES[b]: (far[0, b].item(), far[1, b].item()) for b in range(len(DISTANCE_EDGES))
+                   if far[1, b] > 0}
+    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position, sums[2].sum().item(), by_distance)

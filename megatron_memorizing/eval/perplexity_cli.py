@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, read_manifest
 from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, evaluation_data, load_checkpoint
+from megatron_memorizing.eval.long_range import LongRangeTokens
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 
@@ -34,7 +35,9 @@ def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int],
 
     def run() -> Perplexity:
         stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
-        return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress, bytes_per_id=bytes_per_id)
+        long_range = LongRangeTokens(model.memory_slots, model.segment_length, window=2 if model.xl_cache else 1)
+        return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress,
+                        bytes_per_id=bytes_per_id, long_range=long_range)
 
     results = {}
     if model.memory_layers:
@@ -66,6 +69,20 @@ def position_rows(results: dict[str, Perplexity]) -> list[list[str]]:
     return rows
 
 
+def long_range_rows(results: dict[str, Perplexity]) -> list[list[str]]:
+    """Rows 'segments back | tokens | loss per condition' over long-range tokens, and their total."""
+    names = list(results)
+    first = results[names[0]].long_range
+    rows = []
+    for start in sorted(first):
+        cells = [f"{s / n:.4f}" for s, n in (results[name].long_range[start] for name in names)]
+        rows.append([f"{start}-{2 * start - 1}", f"{first[start][1]:,.0f}", *cells])
+    if first:
+        totals = [tuple(map(sum, zip(*results[name].long_range.values()))) for name in names]
+        rows.append(["all", f"{totals[0][1]:,.0f}", *(f"{s / n:.4f}" for s, n in totals)])
+    return rows
+
+
 def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> dict:
     baseline = results.get(NO_MEMORY)
     return dict(
@@ -81,6 +98,9 @@ def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> d
                 change_vs_no_memory=(r.perplexity / baseline.perplexity - 1) if baseline else None,
                 by_position=[
                     dict(start=start, perplexity=ppl, tokens=n) for start, ppl, n in r.position_table()
+                ],
+                long_range_by_segments_back=[
+                    dict(start=start, loss=s / n, tokens=n) for start, (s, n) in sorted(r.long_range.items())
                 ],
             )
             for name, r in results.items()
@@ -134,6 +154,8 @@ def main(argv=None) -> int:
     ))
     print("\nperplexity by position in the document")
     print(table(["positions", "tokens", *results], position_rows(results)))
+    print("\nloss on long-range tokens (their 5-gram last seen beyond local attention), by segments back")
+    print(table(["segments back", "tokens", *results], long_range_rows(results)))
 
     out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
     print(f"\nwrote {write_json(out / 'perplexity.json', summary(loaded, data, results))}")
