@@ -28,14 +28,16 @@ def memory_label(size: int) -> str:
     return f"memory {size:,}"
 
 
-def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False) -> dict[str, Perplexity]:
+def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False,
+                        long_range_context: int = 4) -> dict[str, Perplexity]:
     """One pass per memory size, and one with memory disabled, over the same documents."""
     model, memories = loaded.config.model, loaded.memories
     bytes_per_id = Tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
 
     def run() -> Perplexity:
         stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
-        long_range = LongRangeTokens(model.memory_slots, model.segment_length, window=2 if model.xl_cache else 1)
+        long_range = LongRangeTokens(model.memory_slots, model.segment_length, n=long_range_context,
+                                     window=2 if model.xl_cache else 1)
         return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress,
                         bytes_per_id=bytes_per_id, long_range=long_range)
 
@@ -137,13 +139,17 @@ def main(argv=None) -> int:
                         help="memory sizes to evaluate at (default: the training memory size)")
     parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training)")
     parser.add_argument("--max-steps", type=int, help="stop after this many segments per slot (default: all documents)")
+    parser.add_argument("--long-range-context", type=int, default=4, metavar="N",
+                        help="a token is long-range when it and the N before it last occurred beyond local "
+                             "attention (default 4)")
     parser.add_argument("--out", type=Path, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
     data = evaluation_data(loaded, args.data, parser)
     sizes = args.memory_sizes or [loaded.config.model.memory_size]
-    results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True)
+    results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True,
+                                  long_range_context=args.long_range_context)
 
     baseline = results.get(NO_MEMORY)
     print(f"{loaded.path} on {data} ({next(iter(results.values())).tokens:,.0f} tokens)")
@@ -154,7 +160,8 @@ def main(argv=None) -> int:
     ))
     print("\nperplexity by position in the document")
     print(table(["positions", "tokens", *results], position_rows(results)))
-    print("\nloss on long-range tokens (their 5-gram last seen beyond local attention), by segments back")
+    print(f"\nloss on long-range tokens (they and the {args.long_range_context} before them last seen beyond local "
+          "attention), by segments back")
     print(table(["segments back", "tokens", *results], long_range_rows(results)))
 
     out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
