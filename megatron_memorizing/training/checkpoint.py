@@ -305,7 +305,7 @@ class Checkpointer:
                 f"{path} was saved with layout {_describe(info['layout'])}, but this run is {_describe(now)}. "
                 f"Optimizer state and memory contents belong to one rank each and resume only on the layout "
                 f"that saved them. To start from its weights on this layout, set checkpoint.init_from={path} "
-                f"(and a fresh checkpoint.dir, or checkpoint.resume=false)."
+                f"and a fresh checkpoint.dir."
             )
         _check_same_model(path, state.run_config)
         rank_file = path / "rank_state" / _rank_file()
