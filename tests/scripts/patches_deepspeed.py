@@ -58,6 +58,9 @@ def main():
             losses=losses,
         ),
     )
+    # Torn down before the interpreter exits: a process group left to exit-time destruction can
+    # abort the process ("terminate called without an active exception", seen on Python 3.12).
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
