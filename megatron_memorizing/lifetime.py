@@ -3,8 +3,8 @@
 - A rank started by a launcher (torchrun, the deepspeed launcher, srun) stops when its launcher
   dies, even by kill -9: Linux sends it SIGTERM (`die_with_parent`).
 - SIGTERM (a launcher stopping its ranks, `scancel`, `kill`) and SIGINT (Ctrl-C) end a rank
-  through Python's normal exit, so `finally` blocks close the process group and helpers
-  (`exit_cleanly_on_signals`).
+  through Python's normal exit, so `finally` blocks close the process group and helpers, within a
+  bounded time (`exit_cleanly_on_signals`).
 - Helper processes that Megatron-Core starts for checkpoint writing die with their rank
   (patches/checkpoint_writer.py uses `exit_with_parent` for them).
 """
@@ -15,6 +15,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -38,10 +39,15 @@ def exit_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def exit_cleanly_on_signals() -> None:
-    """SIGTERM and SIGINT raise SystemExit in the main thread, so that cleanup runs."""
+def exit_cleanly_on_signals(grace_seconds: float = 10.0) -> None:
+    """SIGTERM and SIGINT raise SystemExit in the main thread, so that cleanup runs; if cleanup has
+    not ended the process `grace_seconds` later (a collective waiting for ranks that are gone),
+    it exits then anyway, with the same code."""
 
     def stop(signum, frame):
+        deadline = threading.Timer(grace_seconds, os._exit, args=(128 + signum,))
+        deadline.daemon = True  # a cleanup that finishes in time is not kept waiting for it
+        deadline.start()
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,7 +4,7 @@
 multiprocessing Manager: a server process (~365 MB) that lives as long as nothing shuts it
 down. A rank that dies by SIGKILL, or by SIGTERM without cleanup, leaves it running for good.
 This creates that same queue first, from a Manager whose server process asks Linux to kill it
-when the rank exits, and has the writer processes a save forks do the same (they would otherwise
+when the rank exits, and has every process the rank forks (the writers of a save) do the same (they would otherwise
 finish, or hang, on their own after a kill during a save). Nothing of Megatron-Core's code is
 replaced, on any device; the global is set only if the release still has it, still unset.
 
@@ -14,7 +14,6 @@ Call sites (both checked releases): megatron.core.dist_checkpointing.strategies.
 """
 
 import multiprocessing as mp
-import multiprocessing.util as mp_util
 import os
 import warnings
 from multiprocessing.managers import SyncManager
@@ -42,9 +41,19 @@ def tie_checkpoint_writer_to_this_process() -> bool:
     _manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
     filesystem_async._results_queue = _manager.Queue()
     # The writer processes a save forks (filesystem_async, `fork` context) go with the rank too.
-    mp_util.register_after_fork(_manager, _forked_helper_exits_with_parent)
+    # The parent's pid is taken before the fork: a child forked just as the rank dies would
+    # otherwise see init as its parent and tie itself to that.
+    os.register_at_fork(before=_remember_parent, after_in_child=_forked_helper_exits_with_parent)
     return True
 
 
-def _forked_helper_exits_with_parent(_):
-    exit_with_parent(os.getppid())
+_parent_pid = None
+
+
+def _remember_parent():
+    global _parent_pid
+    _parent_pid = os.getpid()
+
+
+def _forked_helper_exits_with_parent():
+    exit_with_parent(_parent_pid)

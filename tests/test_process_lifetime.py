@@ -35,7 +35,7 @@ def alive(processes: list[psutil.Process]) -> list[str]:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def gone_within(processes, seconds=30.0) -> list[str]:
+def gone_within(processes, seconds=60.0) -> list[str]:
     deadline = time.monotonic() + seconds
     while alive(processes) and time.monotonic() < deadline:
         time.sleep(0.25)
