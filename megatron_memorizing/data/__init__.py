@@ -2,7 +2,7 @@
 
 from .errors import CorruptDatasetError, DataError, IncompatibleError, TokenizerError
 from .indexed import IndexedDocuments, open_indexed_dataset
-from .manifest import DatasetManifest, check_compatible, dataset_tokenizer_path, read_manifest
+from .manifest import DatasetManifest, check_compatible, dataset_tokenizer_path, read_manifest, trained_tokenizer
 from .stream import Batch, DocumentStream
 from .tokenizer import Tokenizer
 
@@ -20,4 +20,5 @@ __all__ = [
     "dataset_tokenizer_path",
     "open_indexed_dataset",
     "read_manifest",
+    "trained_tokenizer",
 ]

@@ -87,6 +87,18 @@ def dataset_tokenizer_path(prefix, manifest: DatasetManifest) -> Path:
     return Path(prefix).parent / manifest.tokenizer_file
 
 
+def trained_tokenizer(checkpoint_dir, train_prefix) -> Path | None:
+    """The tokenizer a checkpoint's model was trained with, where it can be known: the copy in the
+    checkpoint (`tokenizer.model`), else the one its training data's manifest names."""
+    own = Path(checkpoint_dir) / "tokenizer.model"
+    if own.is_file():
+        return own
+    try:
+        return dataset_tokenizer_path(train_prefix, read_manifest(train_prefix)) if train_prefix else None
+    except DataError:
+        return None
+
+
 def files_sha256(prefix) -> dict:
     return {suffix: file_sha256(f"{prefix}.{suffix}") for suffix in ("bin", "idx")}
 

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from megatron_memorizing.data import Batch, DataError, check_compatible, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data import Batch, DataError, check_compatible, trained_tokenizer
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import initialize_distributed
@@ -47,13 +47,7 @@ class LoadedModel:
     def tokenizer(self) -> Optional[Path]:
         """The tokenizer the model was trained with: the checkpoint's copy, else the one its
         training data names; None if neither is there to read."""
-        own = self.path / "tokenizer.model"
-        if own.is_file():
-            return own
-        try:
-            return dataset_tokenizer_path(self.config.data.train, read_manifest(self.config.data.train))
-        except DataError:
-            return None
+        return trained_tokenizer(self.path, self.config.data.train)
 
 
 def evaluation_data(loaded: LoadedModel, data: Optional[str], parser: argparse.ArgumentParser) -> str:

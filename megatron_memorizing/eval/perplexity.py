@@ -86,15 +86,16 @@ def evaluate(
             if last_stage:
                 positions = batch.offsets[:, None] + torch.arange(batch.tokens.shape[1])
                 bucket = (torch.bucketize(positions, edges, right=True) - 1).flatten()
-                bucket_sums[0].index_add_(0, bucket, step.token_losses.flatten().cpu().double())
-                bucket_sums[1].index_add_(0, bucket, batch.loss_mask.flatten().cpu().double())
+                losses = step.token_losses.flatten().cpu().double()
+                mask = batch.loss_mask.flatten().cpu().double()
+                bucket_sums[0].index_add_(0, bucket, losses)
+                bucket_sums[1].index_add_(0, bucket, mask)
                 if len(byte_table):
-                    text_bytes = byte_table[batch.labels.flatten().cpu()] * batch.loss_mask.flatten().cpu().double()
-                    bucket_sums[2].index_add_(0, bucket, text_bytes)
+                    bucket_sums[2].index_add_(0, bucket, byte_table[batch.labels.flatten().cpu()] * mask)
                 if long_range is not None:
                     distance = long_range.mark(batch.tokens, batch.labels, batch.new_document, batch.offsets).flatten()
-                    chosen = (distance >= 0) & (batch.loss_mask.flatten().cpu() > 0)
-                    range_sums[0].index_add_(0, distance[chosen], step.token_losses.flatten().cpu().double()[chosen])
+                    chosen = (distance >= 0) & (mask > 0)
+                    range_sums[0].index_add_(0, distance[chosen], losses[chosen])
                     range_sums[1].index_add_(0, distance[chosen], torch.ones(int(chosen.sum()), dtype=torch.float64))
     finally:
         for chunk in model_chunks:

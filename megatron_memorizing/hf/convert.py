@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import yaml
 
 from megatron_memorizing.config import ConfigError, MemorizingConfig
-from megatron_memorizing.data import DataError, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data import trained_tokenizer
 from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
@@ -108,25 +108,13 @@ def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
             f"no tokenizer at {tokenizer}: the checkpoint was saved without one. "
             f"Pass the SentencePiece model the data was tokenized with: --tokenizer PATH."
         )
-    trained_with = _trained_tokenizer(directory, run)
+    trained_with = trained_tokenizer(directory, (run.get("data") or {}).get("train"))
     if trained_with is not None and file_sha256(trained_with) != file_sha256(tokenizer):
         raise ExportError(
             f"--tokenizer {tokenizer} is not the one the model was trained with ({trained_with}, sha256 differs): "
             f"leave --tokenizer out, or pass {trained_with}."
         )
     return Checkpoint(directory, config, tokenizer)
-
-
-def _trained_tokenizer(directory: Path, run: dict) -> Path | None:
-    """The tokenizer the checkpoint's model was trained with, where it can be known: the
-    checkpoint's copy, else the one its training data's manifest names."""
-    if (directory / "tokenizer.model").is_file():
-        return directory / "tokenizer.model"
-    train = (run.get("data") or {}).get("train")
-    try:
-        return dataset_tokenizer_path(train, read_manifest(train)) if train else None
-    except DataError:
-        return None
 
 
 def load_megatron_state(checkpoint: Checkpoint) -> tuple[dict, object]:
