@@ -9,10 +9,11 @@ them in input order, so the output does not depend on the number of workers.
 import json
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,10 @@ _worker = {}
 
 
 def _start_worker(model_path: str, jsonl_name: str, dtype) -> None:
+    # The parent stops its workers with SIGTERM and handles Ctrl-C itself; an ignored SIGTERM
+    # survives even a fresh interpreter, so a worker sets both, whatever its caller had.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(tokenizer=Tokenizer(model_path), name=jsonl_name, dtype=dtype)
 
 
@@ -126,7 +131,9 @@ def preprocess(
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
         with tqdm(total=jsonl.stat().st_size, unit="B", unit_scale=True, desc=f"tokenize {jsonl.name}") as bar:
             if workers > 1:
-                pool = Pool(workers, initializer=_start_worker, initargs=init)
+                # Fresh interpreters, not forks: the caller may have threads (torch, tqdm, a test
+                # runner), and a fork taken while one holds a lock can leave a worker stuck for good.
+                pool = get_context("spawn").Pool(workers, initializer=_start_worker, initargs=init)
                 results = pool.imap(_tokenize_block, _blocks(jsonl))
             else:
                 pool = None

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -39,10 +40,12 @@ def exit_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def exit_cleanly_on_signals(grace_seconds: float = 10.0) -> None:
-    """SIGTERM and SIGINT raise SystemExit in the main thread, so that cleanup runs; if cleanup has
-    not ended the process `grace_seconds` later (a collective waiting for ranks that are gone),
-    it exits then anyway, with the same code."""
+@contextlib.contextmanager
+def exit_cleanly_on_signals(grace_seconds: float = 10.0):
+    """While inside: SIGTERM and SIGINT raise SystemExit in the main thread, so that cleanup runs;
+    if cleanup has not ended the process `grace_seconds` later (a collective waiting for ranks that
+    are gone), it exits then anyway, with the same code. On leaving, the handlers that were there
+    before are back (a caller that runs training in-process keeps its own)."""
 
     def stop(signum, frame):
         deadline = threading.Timer(grace_seconds, os._exit, args=(128 + signum,))
@@ -50,5 +53,9 @@ def exit_cleanly_on_signals(grace_seconds: float = 10.0) -> None:
         deadline.start()
         raise SystemExit(128 + signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

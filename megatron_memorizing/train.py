@@ -34,9 +34,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    exit_cleanly_on_signals()
     if "LOCAL_RANK" in os.environ:  # started by a launcher: stop when it does, even if it is killed
         die_with_parent()
+    with exit_cleanly_on_signals():
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         config = RunConfig.load(args.config, args.set)
     except ConfigError as error:  # before any process group: a clean message, no traceback

@@ -1,5 +1,6 @@
 """The run config file: documented sections, command-line overrides, refusals before any process starts."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,11 @@ def test_yaml_syntax_error_is_one_line_naming_file_and_line(tmp_path, capsys):
 
 
 def test_train_cli_reports_a_bad_config_without_starting(capsys):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     assert train_main(["--config", str(CONFIGS / "tiny-cpu.yaml"), "--set", "model.knn_top_k=4096"]) == 2
     assert "knn_top_k=4096 must be between 1 and memory_size=2048" in capsys.readouterr().err
+    # Training run in-process hands the caller its own signal handlers back.
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
 
 
 def test_learning_rate_warms_up_then_decays_to_min():
