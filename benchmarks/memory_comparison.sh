@@ -13,12 +13,17 @@
 # (the same extra training, the fair baseline).
 #
 # CORPUS is a directory under data/ built by `megatron-memorizing-data build [--preset ...]`.
-# Runs go to runs/cmp-CORPUS-STEPS/VARIANT, evaluations to runs/eval/cmp-CORPUS-STEPS/VARIANT.
+# Runs go to runs/cmp-CORPUS-STEPS[-TAG]/VARIANT, evaluations to runs/eval/cmp-CORPUS-STEPS[-TAG]/VARIANT.
+# SET adds overrides to every variant of one comparison, TAG names it:
+#   TAG=lr5e-4 SET="optimizer.lr=5e-4 optimizer.min_lr=5e-5" benchmarks/memory_comparison.sh stdlib 500 nomemory xl
 # One thread per run: two instances side by side use two cores.
 set -euo pipefail
 corpus=$1 steps=$2; shift 2
 bin=${VENV:-.venv}/bin
-root=runs/cmp-$corpus-$steps
+name=cmp-$corpus-$steps${TAG:+-$TAG}
+root=runs/$name
+common=()
+for override in ${SET:-}; do common+=(--set "$override"); done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 finetune=(--set checkpoint.init_from=$root/nomemory/checkpoints --set training.steps=${FINETUNE_STEPS:-500}
           --set optimizer.lr=6.0e-4 --set optimizer.warmup_steps=50 --set training.eval_interval=100)
@@ -38,7 +43,8 @@ for variant in "$@"; do
     "$bin/megatron-memorizing-train" --config configs/tiny-cpu.yaml \
         --set data.train=data/$corpus/train --set data.validation=data/$corpus/validation \
         --set training.steps="$steps" --set optimizer.warmup_steps=100 \
-        --set checkpoint.interval=500 --set checkpoint.dir=$run/checkpoints --set logging.dir=$run "${args[@]}"
+        --set checkpoint.interval=500 --set checkpoint.dir=$run/checkpoints --set logging.dir=$run \
+        "${common[@]}" "${args[@]}"
     "$bin/megatron-memorizing-eval" --checkpoint $run/checkpoints --memory-sizes 1536 8192 32768 \
-        --out runs/eval/cmp-$corpus-$steps/$variant
+        --out runs/eval/$name/$variant
 done

@@ -9,10 +9,11 @@ L = 4  # segment length
 DOCUMENT = [1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 9, 5, 6, 7, 8, 1]
 
 
-def segments(document, first_new=True):
+def segments(document, first_new=True, length=L):
     """(tokens, labels, new_document, offsets) per segment of one slot, as the stream yields them."""
-    for k, start in enumerate(range(0, len(document) - 1, L)):
-        yield (torch.tensor([document[start : start + L]]), torch.tensor([document[start + 1 : start + L + 1]]),
+    for k, start in enumerate(range(0, len(document) - 1, length)):
+        yield (torch.tensor([document[start : start + length]]),
+               torch.tensor([document[start + 1 : start + length + 1]]),
                torch.tensor([first_new and k == 0]), torch.tensor([start]))
 
 
@@ -45,3 +46,11 @@ def test_a_new_document_forgets_the_previous_one():
         selector.mark(*segment)
     again = [selector.mark(*segment)[0].tolist() for segment in segments(DOCUMENT)]
     assert again == marks(DOCUMENT, window=1)  # as if nothing had been read before
+
+
+def test_a_stream_read_in_longer_segments_is_scored_on_the_same_tokens():
+    # The long-context reference reads 8 tokens at a time; the tokens are still those that are
+    # long-range for a model reading 4 at a time.
+    selector = LongRangeTokens(slots=1, segment_length=L, n=2, window=1)
+    read_in_eights = [selector.mark(*segment)[0].tolist() for segment in segments(DOCUMENT, length=8)]
+    assert sum(read_in_eights, []) == sum(marks(DOCUMENT, window=1), [])

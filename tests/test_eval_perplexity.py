@@ -98,13 +98,14 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     out = tmp_path / "eval"
     # The recall task repeats no 5-gram: long-range tokens are counted by their 2-gram here.
     assert perplexity_cli.main(["--checkpoint", str(saved.parent), "--memory-sizes", "16", "256", "--out", str(out),
-                                "--long-range-context", "1"]) == 0
+                                "--long-range-context", "1", "--reference-window", "64"]) == 0
     printed = capsys.readouterr().out
     assert "memory 256" in printed and "no memory" in printed and "perplexity by position" in printed
 
     report = json.loads((out / "perplexity.json").read_text())
     assert report["checkpoint"] == str(saved) and report["training_memory_size"] == 40
-    assert set(report["results"]) == {"memory 16", "memory 256", "no memory"}
+    reference = "local window 64, no memory"
+    assert set(report["results"]) == {"memory 16", "memory 256", "no memory", reference}
     assert report["results"]["no memory"]["change_vs_no_memory"] == 0
     assert report["results"]["memory 256"]["tokens"] == (open_indexed_dataset(data).length - 1).sum()
     # Bits per byte: the summed loss in bits over the bytes of the predicted tokens' text (every
@@ -123,6 +124,11 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     counts = {name: [(row["start"], row["tokens"]) for row in rows] for name, rows in far.items()}
     assert len(set(map(tuple, counts.values()))) == 1 and sum(n for _, n in counts["no memory"]) > 0
     assert "loss on long-range tokens" in printed
+    # The reference reads 64 tokens at a time with the same weights: on a document's first segment
+    # of 16 it sees what the model without memory sees, further on more.
+    ppl = {name: {row["start"]: row["perplexity"] for row in r["by_position"]} for name, r in report["results"].items()}
+    assert all(ppl[reference][start] == pytest.approx(ppl["no memory"][start], rel=1e-4) for start in ppl[reference] if start < 16)
+    assert ppl[reference][32] != pytest.approx(ppl["no memory"][32], rel=1e-3)
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -30,6 +30,13 @@ class LongRangeTokens:
         self._last_end = [dict() for _ in range(slots)]  # (n+1)-gram -> position of its latest last token
         self._recent = [deque(maxlen=n) for _ in range(slots)]  # the n tokens before the next target
 
+    def _visible_from(self, position: int) -> int:
+        """The first document position local attention sees when predicting the label at `position`,
+        in segments of `segment_length` (whatever segments the stream is read in: a reference
+        model reading longer ones is scored on the same tokens)."""
+        segment = (position - 1) // self.segment_length  # the segment of the input token
+        return (segment - self.window + 1) * self.segment_length
+
     def mark(self, tokens: torch.Tensor, labels: torch.Tensor, new_document: torch.Tensor,
              offsets: torch.Tensor) -> torch.Tensor:
         """For one batch ([slots, L], as the document stream yields it): the distance bucket index of
@@ -43,13 +50,12 @@ class LongRangeTokens:
                 recent.clear()
                 recent.append(int(tokens[slot, 0]))
             start = int(offsets[slot])
-            visible_from = start - (self.window - 1) * self.segment_length
             for i, target in enumerate(labels[slot].tolist()):
                 position = start + i + 1  # the label's position in the document
                 if len(recent) == self.n:
                     gram = (*recent, target)
                     previous = last_end.get(gram)
-                    if previous is not None and previous < visible_from:
+                    if previous is not None and previous < self._visible_from(position):
                         segments_back = -(-(position - previous) // self.segment_length)  # at least 1
                         buckets[slot, i] = int(torch.bucketize(torch.tensor(segments_back), edges, right=True)) - 1
                     last_end[gram] = position

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import Optional
 
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, read_manifest
 from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, evaluation_data, load_checkpoint
@@ -28,29 +29,47 @@ def memory_label(size: int) -> str:
     return f"memory {size:,}"
 
 
-def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False,
-                        long_range_context: int = 4) -> dict[str, Perplexity]:
-    """One pass per memory size, and one with memory disabled, over the same documents."""
-    model, memories = loaded.config.model, loaded.memories
-    bytes_per_id = Tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
+def reference_label(window: int) -> str:
+    return f"local window {window:,}, no memory"
 
-    def run() -> Perplexity:
-        stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
-        long_range = LongRangeTokens(model.memory_slots, model.segment_length, n=long_range_context,
-                                     window=2 if model.xl_cache else 1)
-        return evaluate(loaded.model_chunks, memories, stream, max_steps, progress=progress,
+
+def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False,
+                        long_range_context: int = 4, reference: Optional[LoadedModel] = None) -> dict[str, Perplexity]:
+    """One pass per memory size, and one with memory disabled, over the same documents; with
+    `reference` (the same checkpoint loaded to read longer segments), one more pass of it with
+    memory disabled: the long-context model the memory stands in for."""
+    bytes_per_id = Tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
+    layout = loaded.config.model  # long-range tokens are those beyond *this* model's local attention
+
+    def run(model: LoadedModel) -> Perplexity:
+        config = model.config.model
+        stream = DocumentStream(data, config.memory_slots, config.segment_length, loop=False)
+        long_range = LongRangeTokens(layout.memory_slots, layout.segment_length, n=long_range_context,
+                                     window=2 if layout.xl_cache else 1)
+        # The same tokens in every pass: `max_steps` counts segments of this model's length.
+        steps = None if max_steps is None else max_steps * layout.segment_length // config.segment_length
+        return evaluate(model.model_chunks, model.memories, stream, steps, progress=progress,
                         bytes_per_id=bytes_per_id, long_range=long_range)
 
     results = {}
-    if model.memory_layers:
+    if layout.memory_layers:
         for size in memory_sizes:
-            memories.resize(size)
-            results[memory_label(size)] = run()
-        with memories.disabled():
-            results[NO_MEMORY] = run()
+            loaded.memories.resize(size)
+            results[memory_label(size)] = run(loaded)
+        with loaded.memories.disabled():
+            results[NO_MEMORY] = run(loaded)
     else:
-        results[NO_MEMORY] = run()
+        results[NO_MEMORY] = run(loaded)
+    if reference is not None:
+        with reference.memories.disabled():
+            results[reference_label(reference.config.model.segment_length)] = run(reference)
     return results
+
+
+def load_reference(args: argparse.Namespace) -> LoadedModel:
+    """The checkpoint again, reading segments of `--reference-window` tokens with no XL cache."""
+    return load_checkpoint(args.checkpoint, [*args.set, f"model.segment_length={args.reference_window}",
+                                             "model.xl_cache=false"], slots=args.slots)
 
 
 def bucket_end(start: int) -> int:
@@ -142,14 +161,25 @@ def main(argv=None) -> int:
     parser.add_argument("--long-range-context", type=int, default=4, metavar="N",
                         help="a token is long-range when it and the N before it last occurred beyond local "
                              "attention (default 4)")
+    parser.add_argument("--reference-window", type=int, metavar="TOKENS",
+                        help="also evaluate the same model with memory disabled reading segments of TOKENS "
+                             "(e.g. segment + memory size): the long-context reference the memory approximates. "
+                             "Beyond the segment length it was trained at, its positions are new to the model: "
+                             "a model trained at that length is the stronger reference")
     parser.add_argument("--out", type=Path, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
     data = evaluation_data(loaded, args.data, parser)
     sizes = args.memory_sizes or [loaded.config.model.memory_size]
+    segment = loaded.config.model.segment_length
+    if args.reference_window and args.max_steps and (args.max_steps * segment) % args.reference_window:
+        parser.error(f"--max-steps {args.max_steps} covers {args.max_steps * segment:,} tokens of each document, "
+                     f"not a whole number of --reference-window {args.reference_window} segments: pick a window "
+                     f"that divides it, or leave out --max-steps")
+    reference = load_reference(args) if args.reference_window else None
     results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True,
-                                  long_range_context=args.long_range_context)
+                                  long_range_context=args.long_range_context, reference=reference)
 
     baseline = results.get(NO_MEMORY)
     print(f"{loaded.path} on {data} ({next(iter(results.values())).tokens:,.0f} tokens)")
