@@ -5,6 +5,7 @@
 #
 #   benchmarks/memory_comparison.sh CORPUS STEPS VARIANT [VARIANT ...]
 #   benchmarks/memory_comparison.sh stdlib 1000 nomemory memory1536 memory8192 xl memory1536-xl
+#   benchmarks/memory_comparison.sh stdlib 500 xl-inputs memory1536-xl-inputs   # XL cache of layer inputs
 #   benchmarks/memory_comparison.sh stdlib 1000 finetune-memory1536 finetune-nomemory
 #
 # The finetune-* variants start from the nomemory run's weights (train that first) and train
@@ -35,6 +36,8 @@ for variant in "$@"; do
         memory8192)          args=(--set model.memory_size=8192) ;;
         xl)                  args=(--set "model.memory_layers=[]" --set model.xl_cache=true) ;;
         memory1536-xl)       args=(--set model.memory_size=1536 --set model.xl_cache=true) ;;
+        xl-inputs)           args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
+        memory1536-xl-inputs) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
         finetune-memory1536) args=(--set model.memory_size=1536 "${finetune[@]}") ;;
         finetune-nomemory)   args=(--set "model.memory_layers=[]" "${finetune[@]}") ;;
         *) echo "unknown variant '$variant' (see the header of $0)" >&2; exit 2 ;;

@@ -107,6 +107,10 @@ class MemorizingConfig:
     memory_backend: str = "torch"  # "torch" or "faiss" (exact brute force either way)
     gate_init: float = 0.0  # b_g; g = sigmoid(b_g) weighs memory against local attention
     xl_cache: bool = False  # Transformer-XL: every layer also attends to the previous segment
+    # What the XL cache keeps of it: "keys_values" (as projected last step) or "inputs" (the
+    # layer's input hidden states, projected afresh every step with the current weights, as in
+    # Transformer-XL). Both give the same outputs for the same weights; they train differently.
+    xl_cache_contents: str = "keys_values"
 
     # --- layout ---------------------------------------------------------------------------------
     tensor_model_parallel_size: int = 1
@@ -212,6 +216,8 @@ class MemorizingConfig:
                 "xl_cache=True needs relative positions: the cached segment has no absolute position "
                 "in the current one. Use position_embedding_type='rope' (or 'none')."
             )
+        if self.xl_cache_contents not in ("keys_values", "inputs"):
+            fail(f"xl_cache_contents={self.xl_cache_contents!r}: use 'keys_values' or 'inputs'.")
         if self.recompute not in ("none", "selective", "full"):
             fail(f"recompute={self.recompute!r}: use 'none', 'selective' or 'full'.")
         if self.micro_batch_size < 1 or self.num_micro_batches < 1:

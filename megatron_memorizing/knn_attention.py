@@ -84,6 +84,7 @@ class KNNAttention(SegmentAttention):
             return local
         self._check_batch(query)
         s, b, h, d = query.shape
+        key, value = key[-s:], value[-s:]  # the current segment's (an XL cache of inputs puts the previous one first)
 
         # Memory keys carry no position: strip RoPE, then normalise (inner product = cosine).
         queries = F.normalize(self.unrotated(query).float(), dim=-1)

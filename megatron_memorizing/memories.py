@@ -23,18 +23,22 @@ import torch
 
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memory import KNNMemory
+from megatron_memorizing.segment_cache import SegmentCache
 from megatron_memorizing.segment_attention import SegmentAttention
+from megatron_memorizing.xl_attention import XLSelfAttention
 
 
 class ModelMemories:
     def __init__(self, model_chunks: torch.nn.Module | Iterable[torch.nn.Module], micro_batch_size: int):
         chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
-        self.layers: list[SegmentAttention] = [
-            m for chunk in chunks for m in chunk.modules() if isinstance(m, SegmentAttention)
+        # Every module with per-slot state: core attentions (memory, XL cache of keys and values)
+        # and self-attentions with an XL cache of inputs.
+        self.layers: list[SegmentAttention | XLSelfAttention] = [
+            m for chunk in chunks for m in chunk.modules() if isinstance(m, (SegmentAttention, XLSelfAttention))
         ]
         self.micro_batch_size = micro_batch_size
 
-    def named_memories(self) -> Iterable[tuple[str, KNNMemory]]:
+    def named_memories(self) -> Iterable[tuple[str, KNNMemory | SegmentCache]]:
         for layer in self.layers:
             for name, memory in layer.stateful_memories().items():
                 yield f"layer{layer.layer_number}.{name}", memory
@@ -103,10 +107,9 @@ class ModelMemories:
                 f"saved by a model with other memory layers or XL cache settings."
             )
         for name, memory in mine.items():
-            # The memory size is part of the state: a curriculum may have grown it since start-up.
-            saved_capacity = state[name]["keys"].shape[2]
-            if saved_capacity != memory.capacity:
-                memory.resize(saved_capacity)
+            # A kNN memory's size is part of its state: a curriculum may have grown it since start-up.
+            if isinstance(memory, KNNMemory) and state[name]["keys"].shape[2] != memory.capacity:
+                memory.resize(state[name]["keys"].shape[2])
             memory.load_state_dict(state[name])
 
     def snapshot(self) -> dict:

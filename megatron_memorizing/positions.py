@@ -6,7 +6,8 @@ positions 0..s-1 of the segment. Two things need them otherwise:
   otherwise look like it sat inside the current segment), so keys and queries are un-rotated
   before they are normalised, stored and searched;
 - the Transformer-XL cache: the previous segment's keys sit at positions -s..-1 relative to the
-  current segment, so they are stored un-rotated and rotated to those positions when used.
+  current segment, so they are rotated to those positions (a cache of keys stores them
+  un-rotated; a cache of inputs projects them afresh and rotates them with `freqs`).
 A rotation by -theta undoes a rotation by theta exactly (up to float rounding), so this is exact.
 """
 
@@ -34,17 +35,19 @@ class RotaryPositions:
             use_cpu_initialization=not torch.cuda.is_available(),
         )
 
-    def _freqs(self, length: int, offset: int, like: torch.Tensor) -> torch.Tensor:
+    def freqs(self, length: int, offset: int, device: torch.device) -> torch.Tensor:
+        """Rotary angles [length, 1, 1, d] of positions offset .. offset+length-1 (as GPTModel hands
+        them to its layers)."""
         # RotaryEmbedding caches by (length, offset): cheap to call every step.
-        return self.embedding(length, offset=offset).to(like.device)
+        return self.embedding(length, offset=offset).to(device)
 
     def rotate(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Rotate x [s, b, h, d] to positions offset .. offset+s-1."""
-        freqs = self._freqs(x.shape[0], offset, x)
+        freqs = self.freqs(x.shape[0], offset, x.device)
         return apply_rotary_pos_emb(x, freqs, self.config).to(x.dtype)
 
     def unrotate(self, x: torch.Tensor) -> torch.Tensor:
         """Undo the rotation GPTModel applied for positions 0..s-1."""
-        freqs = self._freqs(x.shape[0], 0, x)
+        freqs = self.freqs(x.shape[0], 0, x.device)
         return apply_rotary_pos_emb(x, -freqs, self.config).to(x.dtype)
 

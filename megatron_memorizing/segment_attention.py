@@ -104,7 +104,13 @@ class SegmentAttention(MegatronModule):
             )
 
     def local(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs) -> torch.Tensor:
-        """Local causal attention, over [previous segment; current segment] when the XL cache is on."""
+        """Local causal attention, over [previous segment; current segment] when the XL cache is on.
+
+        Keys longer than the queries come from a cache of inputs (XLSelfAttention): the previous
+        segment's keys are already in front, and `attention_mask` covers both.
+        """
+        if key.shape[0] > query.shape[0]:
+            return self.local_attention(query, key, value, attention_mask, attn_mask_type=AttnMaskType.arbitrary, **kwargs)
         if self.xl_cache is None:
             return self.local_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
         self._check_batch(query)

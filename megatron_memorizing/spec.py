@@ -1,9 +1,9 @@
 """Turning stock Megatron-Core GPT layer specs into memorizing ones.
 
-Megatron-Core builds layers from `ModuleSpec`s; the plugin changes one submodule, the core
-attention of self-attention, and leaves everything else (projections, MLP, norms, TE or local
-implementations) exactly as the stock spec has it. A layer with neither memory nor XL cache keeps
-the stock spec untouched.
+Megatron-Core builds layers from `ModuleSpec`s; the plugin changes the core attention of
+self-attention (and, for an XL cache of inputs, self-attention's class, to XLSelfAttention) and
+leaves everything else (projections, MLP, norms, TE or local implementations) exactly as the
+stock spec has it. A layer with neither memory nor XL cache keeps the stock spec untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_memorizing.config import MemorizingConfig
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.segment_attention import SegmentAttention
+from megatron_memorizing.xl_attention import XLSelfAttention
 
 
 def stock_layer_spec(config: MemorizingConfig, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
@@ -38,16 +39,25 @@ def memorizing_layer_spec(layer_spec: ModuleSpec, config: MemorizingConfig, laye
         return layer_spec
     spec = copy.deepcopy(layer_spec)
     attention = spec.submodules.self_attention.submodules
+    rotary = (
+        dict(rotary_base=config.rotary_base, rotary_percent=config.rotary_percent)
+        if config.position_embedding_type == "rope"
+        else None
+    )
+    xl_inputs = config.xl_cache and config.xl_cache_contents == "inputs"
+    if xl_inputs:  # self-attention itself keeps and re-projects the previous segment
+        self_attention = spec.submodules.self_attention
+        self_attention.module = XLSelfAttention
+        self_attention.params = {
+            **self_attention.params, "num_slots": config.memory_slots, "segment_length": config.segment_length,
+            "rotary": rotary,
+        }
     params = dict(
         local_attention=attention.core_attention,
         num_slots=config.memory_slots,
         segment_length=config.segment_length,
-        xl_cache=config.xl_cache,
-        rotary=(
-            dict(rotary_base=config.rotary_base, rotary_percent=config.rotary_percent)
-            if config.position_embedding_type == "rope"
-            else None
-        ),
+        xl_cache=config.xl_cache and not xl_inputs,
+        rotary=rotary,
     )
     if with_memory:
         params.update(

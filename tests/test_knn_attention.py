@@ -124,13 +124,17 @@ def test_gradients_reach_queries_and_gate_but_never_memory(single_rank):
     assert not layer.memory.keys.requires_grad and not layer.memory.values.requires_grad
 
 
+XL_CONTENTS = ["keys_values", "inputs"]
+
+
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-@pytest.mark.parametrize("xl_cache", [False, True], ids=["memory", "memory+xl"])
-def test_recompute_gives_identical_outputs_gradients_and_memory(single_rank, recompute, xl_cache):
+@pytest.mark.parametrize("xl", [{}, *({"xl_cache": True, "xl_cache_contents": c} for c in XL_CONTENTS)],
+                         ids=["memory", *(f"memory+xl-{c}" for c in XL_CONTENTS)])
+def test_recompute_gives_identical_outputs_gradients_and_memory(single_rank, recompute, xl):
     batches = document_batches(steps=3, slots=4, length=16, vocab=128)
     results = []
     for mode in ("none", recompute):
-        chunks, memories = built(tiny_config(recompute=mode, xl_cache=xl_cache))
+        chunks, memories = built(tiny_config(recompute=mode, **xl))
         losses = run_steps(chunks, memories, batches[:2], forward_only=False)
         for p in chunks[0].parameters():
             p.grad = None  # keep only the last step's gradients
@@ -147,15 +151,41 @@ def test_recompute_gives_identical_outputs_gradients_and_memory(single_rank, rec
             assert torch.equal(torch.as_tensor(memory_a[name][field]), torch.as_tensor(memory_b[name][field])), name
 
 
-def test_xl_cache_sees_the_previous_segment(single_rank):
+@pytest.mark.parametrize("contents", XL_CONTENTS)
+def test_xl_cache_sees_the_previous_segment(single_rank, contents):
     """With the XL cache, a document's second segment is predicted differently than without it."""
     batches = document_batches(steps=2, slots=4, length=16, vocab=128)
     plain = run_steps(*built(tiny_config(memory_layers=())), batches)
-    chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True))
+    chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True, xl_cache_contents=contents))
     xl = run_steps(chunks, memories, batches)
     assert xl[0] == pytest.approx(plain[0], abs=1e-6)  # empty cache: same as no cache
     assert xl[1] != pytest.approx(plain[1], abs=1e-6)
-    assert [name.split(".")[1] for name, _ in memories.named_memories()] == ["xl_cache"] * 4
+    name = {"keys_values": "xl_cache", "inputs": "xl_inputs"}[contents]
+    assert [name.split(".")[1] for name, _ in memories.named_memories()] == [name] * 4
+
+
+def test_an_xl_cache_of_inputs_trains_the_projection_on_the_cached_segment(single_rank):
+    """The same outputs as a cache of keys and values, but the cached segment is projected with the
+    current weights: the key/value projection gets gradient from it, and a changed projection
+    changes what the cached segment contributes (a cache of keys and values keeps the old ones)."""
+    batches = document_batches(steps=2, slots=4, length=16, vocab=128, boundaries=())
+    runs = {}
+    for contents in XL_CONTENTS:
+        chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True, xl_cache_contents=contents))
+        run_steps(chunks, memories, batches[:1])
+        (model,) = chunks
+        qkv = model.decoder.layers[0].self_attention.linear_qkv.weight
+        qkv.grad = None
+        loss = forward_backward(chunks, memories, batches[1], forward_only=False).mean
+        grad = qkv.grad.clone()
+        with torch.no_grad():
+            qkv.mul_(1.5)  # a different projection, as after an optimizer step
+        changed = forward_backward(chunks, memories, batches[1], forward_only=True).mean
+        runs[contents] = loss, grad, changed
+    (loss_kv, grad_kv, changed_kv), (loss_in, grad_in, changed_in) = runs["keys_values"], runs["inputs"]
+    assert loss_in == pytest.approx(loss_kv, abs=1e-6)  # same weights, same cache: same outputs
+    assert not torch.allclose(grad_in, grad_kv)  # the cached positions add to the projection's gradient
+    assert changed_in != pytest.approx(changed_kv, abs=1e-6)  # re-projected vs kept
 
 
 def test_growing_the_memory_keeps_its_contents_and_what_they_retrieve(single_rank):
@@ -177,7 +207,8 @@ def test_growing_the_memory_keeps_its_contents_and_what_they_retrieve(single_ran
     assert loss_after_growing == run_steps(*built(config), batches)[3:]
 
 
-def test_xl_cache_equals_attention_over_both_segments(single_rank):
+@pytest.mark.parametrize("contents", XL_CONTENTS)
+def test_xl_cache_equals_attention_over_both_segments(single_rank, contents):
     """On a document's second segment, every layer attending to the cached previous segment is
     exactly causal attention over the two segments read as one (same weights, twice the length):
     the cached keys are that longer run's keys, at the same relative (rotary) positions."""
@@ -189,7 +220,8 @@ def test_xl_cache_equals_attention_over_both_segments(single_rank):
               offsets=two.offsets + part.start)
         for part in (slice(0, length), slice(length, 2 * length))
     ]
-    xl_chunks, xl_memories = built(tiny_config(memory_layers=(), xl_cache=True, segment_length=length))
+    xl_chunks, xl_memories = built(tiny_config(memory_layers=(), xl_cache=True, xl_cache_contents=contents,
+                                               segment_length=length))
     xl_losses = []
     for batch in halves:
         xl_losses.append(forward_backward(xl_chunks, xl_memories, batch, forward_only=True).token_losses)

@@ -51,3 +51,19 @@ def test_tp2_pp2_matches_and_its_checkpoint_loads_at_tp1(reference, tmp_path):
     reloaded = run_torchrun(SCRIPT, 1, ["--init-checkpoint", str(saved), "--eval-only"])
     assert reloaded["eval_loss"] == pytest.approx(got["eval_loss"], **TOLERANCE)
     assert reloaded["eval_loss"] == pytest.approx(expected["eval_loss"], **TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def reference_xl_inputs(tmp_path_factory):
+    init = tmp_path_factory.mktemp("parity-xl-inputs") / "init"
+    return init, run_torchrun(SCRIPT, 1, ["--init-checkpoint", str(init), "--xl-cache-contents", "inputs"])
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2", "--recompute", "full"]], ids=["TP2", "PP2-recompute"])
+def test_xl_cache_of_inputs_matches_single_process(reference_xl_inputs, layout):
+    """The cache of layer inputs is per rank and per slot like every other state: TP ranks each
+    re-project it with their own heads, pipeline stages keep their own layers'."""
+    init, expected = reference_xl_inputs
+    got = run_torchrun(SCRIPT, 2, [*layout, "--init-checkpoint", str(init), "--xl-cache-contents", "inputs"])
+    assert got["losses"] == pytest.approx(expected["losses"], **TOLERANCE)
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], **TOLERANCE)

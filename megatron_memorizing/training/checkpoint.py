@@ -72,7 +72,7 @@ _RESUME_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "kv_channels", "num_query_groups",
     "ffn_hidden_size", "vocab_size", "position_embedding_type", "normalization",
     "share_embeddings_and_output_weights", "memory_layers", "memory_dtype", "xl_cache",
-    "segment_length", "micro_batch_size", "num_micro_batches",
+    "xl_cache_contents", "segment_length", "micro_batch_size", "num_micro_batches",
 )
 # Those of them that shape the weights: a model differing in one cannot take the checkpoint's weights.
 _WEIGHT_SHAPE_FIELDS = (
