@@ -92,3 +92,35 @@ def test_curves_name_the_scalars_a_run_has(tmp_path):
     write_scalars(tmp_path / "a", {1: 1.0})
     with pytest.raises(SystemExit, match="has no scalar 'validation/perplexity'.*train/loss"):
         curves.main([str(tmp_path / "a"), "--scalar", "validation/perplexity"])
+
+
+def evaluation_json(directory, run, step, perplexity, memory=0):
+    """A perplexity.json as megatron-memorizing-eval writes it (the fields compare reads)."""
+    condition = f"memory {memory:,}" if memory else "no memory"
+    result = dict(perplexity=perplexity, tokens=1000.0, by_position=[dict(start=0, perplexity=perplexity, tokens=1000.0)])
+    results = {condition: result, "local window 512, no memory": dict(result, perplexity=perplexity * 0.9)}
+    if memory:
+        results["no memory"] = dict(result, perplexity=perplexity * 1.1)
+    directory.mkdir(parents=True)
+    (directory / "perplexity.json").write_text(json.dumps(dict(
+        checkpoint=f"runs/{run}/checkpoints/iter_{step:07d}", step=step, data="data/x/validation",
+        training_memory_size=memory, results=results)))
+    return str(directory)
+
+
+def test_checkpoints_of_the_same_runs_give_perplexity_over_training(tmp_path, capsys):
+    plain = {1000: 300.0, 2000: 250.0}
+    memory = {1000: 310.0, 2000: 240.0}
+    dirs = [evaluation_json(tmp_path / f"plain-{s}", "plain", s, p) for s, p in plain.items()]
+    dirs += [evaluation_json(tmp_path / f"memory-{s}", "memory", s, p, memory=1536) for s, p in memory.items()]
+    plot = tmp_path / "steps.png"
+    assert compare.main([*dirs, "--baseline", "plain-1000", "--out-steps", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    # The long-context reference is a column of its own, after no memory.
+    header = printed.splitlines()[1].split("  ")
+    assert [h.strip() for h in header if h.strip()][-3:] == ["no memory", "local window 512, no memory", "vs plain-1000"]
+    over = printed.split("perplexity over training")[1].splitlines()
+    rows = {line.split()[0]: line.split() for line in over if line.strip()[:1].isdigit()}
+    assert rows["1,000"] == ["1,000", "300.000", "310.000", "+3.33%"]
+    assert rows["2,000"] == ["2,000", "250.000", "240.000", "-4.00%"]
+    assert plot.read_bytes()[:8] == PNG

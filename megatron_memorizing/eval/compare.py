@@ -4,7 +4,8 @@
         --out docs/img/cmp-stdlib-1000.png
 
 Each argument is a directory written by `megatron-memorizing-eval` (its perplexity.json); its name
-labels the run. Every run is compared at its own training condition (memory at the training
+labels the run. Evaluations of several checkpoints of the same training runs also get a table
+(and with --out-steps a plot) of perplexity over training steps, per run. Every run is compared at its own training condition (memory at the training
 size, or no memory for a model trained without); the other conditions it was evaluated at
 (larger memories, memory disabled) get their own columns. `--baseline` names the run the
 "vs baseline" column divides by.
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label, plot_by_position
-from megatron_memorizing.eval.report import table
+from megatron_memorizing.eval.report import new_figure, save_figure, table
 
 
 def load_evaluation(directory: Path) -> dict:
@@ -33,10 +34,49 @@ def training_condition(evaluation: dict) -> str:
 
 
 def condition_order(evaluations: dict[str, dict]) -> list[str]:
-    """Memory sizes ascending, then no memory."""
-    names = {name for e in evaluations.values() for name in e["results"]}
-    sizes = sorted(int(name.split()[1].replace(",", "")) for name in names if name != NO_MEMORY)
-    return [memory_label(size) for size in sizes] + [NO_MEMORY]
+    """Memory sizes ascending, then no memory, then any other (the long-context reference)."""
+    names = list(dict.fromkeys(name for e in evaluations.values() for name in e["results"]))
+    sizes = sorted(int(name.split()[1].replace(",", "")) for name in names if name.startswith("memory "))
+    others = [name for name in names if not name.startswith("memory ") and name != NO_MEMORY]
+    return [memory_label(size) for size in sizes] + [NO_MEMORY] + others
+
+
+def run_of(evaluation: dict) -> str:
+    """The training run an evaluated checkpoint belongs to (RUN/checkpoints/iter_N -> RUN)."""
+    return Path(evaluation["checkpoint"]).parent.parent.name
+
+
+def over_training(evaluations: dict[str, dict]) -> dict[str, list[tuple[int, float]]]:
+    """Per training run, (step, perplexity at its training condition), by step."""
+    runs: dict[str, list[tuple[int, float]]] = {}
+    for e in evaluations.values():
+        runs.setdefault(run_of(e), []).append((e["step"], e["results"][training_condition(e)]["perplexity"]))
+    return {run: sorted(points) for run, points in runs.items()}
+
+
+def over_training_table(runs: dict[str, list[tuple[int, float]]], baseline_run: str | None) -> str:
+    steps = sorted({step for points in runs.values() for step, _ in points})
+    by_step = {run: dict(points) for run, points in runs.items()}
+    others = [run for run in runs if baseline_run and run != baseline_run]
+    base = by_step.get(baseline_run, {})
+    rows = []
+    for step in steps:
+        cells = [f"{by_step[run][step]:.3f}" if step in by_step[run] else "" for run in runs]
+        gains = [f"{100 * (by_step[run][step] / base[step] - 1):+.2f}%" if step in by_step[run] and step in base else ""
+                 for run in others]
+        rows.append([f"{step:,}", *cells, *gains])
+    return table(["step", *runs, *(f"{run} vs {baseline_run}" for run in others)], rows)
+
+
+def plot_over_training(runs: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
+    figure, axes = new_figure()
+    for run, points in runs.items():
+        axes.plot([step for step, _ in points], [ppl for _, ppl in points], marker="o", label=run)
+    axes.set_xlabel("training step")
+    axes.set_ylabel("validation perplexity")
+    axes.set_title(title)
+    axes.legend()
+    return save_figure(figure, path)
 
 
 def comparison_table(evaluations: dict[str, dict], baseline: str | None) -> str:
@@ -78,6 +118,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", help="the run (directory name) the others are compared with")
     parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run")
     parser.add_argument("--title", default="perplexity by position in the document")
+    parser.add_argument("--out-steps", type=Path,
+                        help="PNG of perplexity over training steps, one line per training run (for evaluations "
+                             "of several checkpoints of the same runs)")
     args = parser.parse_args(argv)
 
     evaluations = {directory.name: load_evaluation(directory) for directory in args.evaluations}
@@ -92,6 +135,13 @@ def main(argv=None) -> int:
     print(position_table(evaluations))
     if args.out:
         print(f"\nwrote {plot(evaluations, args.out, args.title)}")
+    runs = over_training(evaluations)
+    if any(len(points) > 1 for points in runs.values()):
+        baseline_run = run_of(evaluations[args.baseline]) if args.baseline else None
+        print("\nperplexity over training (each run at its training memory size)")
+        print(over_training_table(runs, baseline_run))
+        if args.out_steps:
+            print(f"wrote {plot_over_training(runs, args.out_steps, 'validation perplexity over training')}")
     return 0
 
 
