@@ -88,6 +88,15 @@ def test_curves_table_smoothing_and_plot(tmp_path, capsys):
     assert plot.read_bytes()[:8] == PNG
 
 
+def test_curves_tell_runs_of_the_same_name_apart(tmp_path, capsys):
+    write_scalars(tmp_path / "lr1" / "xl", {25: 4.0})
+    write_scalars(tmp_path / "lr2" / "xl", {25: 5.0})
+    write_scalars(tmp_path / "lr2" / "plain", {25: 6.0})
+    assert curves.main([str(tmp_path / "lr1" / "xl"), str(tmp_path / "lr2" / "xl"), str(tmp_path / "lr2" / "plain")]) == 0
+    header = capsys.readouterr().out.splitlines()[1].split()
+    assert header == ["step", "lr1/xl", "lr2/xl", "plain"]
+
+
 def test_curves_name_the_scalars_a_run_has(tmp_path):
     write_scalars(tmp_path / "a", {1: 1.0})
     with pytest.raises(SystemExit, match="has no scalar 'validation/perplexity'.*train/loss"):

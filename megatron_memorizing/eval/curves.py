@@ -3,8 +3,9 @@
     python -m megatron_memorizing.eval.curves runs/cmp-stdlib-1000/* --scalar train/loss --smooth 10 \
         --out docs/img/cmp-stdlib-1000-loss.png
 
-Each argument is a run's logging directory (`logging.dir`); its name labels the run. Prints the
-scalar of every run at a few common steps and plots the whole curves. `--smooth N` averages the
+Each argument is a run's logging directory (`logging.dir`); its name labels the run (with its
+parent folder's where two runs share a name). Prints the scalar of every run at a few common
+steps and plots the whole curves. `--smooth N` averages the
 last N logged values (training loss is noisy: each step is one segment of a few documents).
 """
 
@@ -45,7 +46,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="PNG of the curves")
     args = parser.parse_args(argv)
 
-    curves = {run.name: smoothed(read_scalar(run, args.scalar), args.smooth) for run in args.runs}
+    names = [run.name for run in args.runs]
+    # Runs of the same name from different comparisons are told apart by their parent folder.
+    labels = [f"{run.parent.name}/{run.name}" if names.count(run.name) > 1 else run.name for run in args.runs]
+    curves = {label: smoothed(read_scalar(run, args.scalar), args.smooth) for label, run in zip(labels, args.runs)}
     common = sorted(set.intersection(*({step for step, _ in points} for points in curves.values())))
     if not common:
         parser.error(f"the runs logged '{args.scalar}' at no common step")
