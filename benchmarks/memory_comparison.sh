@@ -4,8 +4,8 @@
 # corpus's validation split (memory sizes up to 32K, memory disabled, by position).
 #
 #   benchmarks/memory_comparison.sh CORPUS STEPS VARIANT [VARIANT ...]
-#   benchmarks/memory_comparison.sh stdlib 1000 nomemory memory1536 memory8192 xl memory1536-xl
-#   benchmarks/memory_comparison.sh stdlib 500 xl-inputs memory1536-xl-inputs   # XL cache of layer inputs
+#   benchmarks/memory_comparison.sh stdlib 1000 nomemory memory1536 memory8192 xl-inputs memory1536-xl-inputs
+#   benchmarks/memory_comparison.sh stdlib 500 xl-keys-values   # the XL cache of last step's keys and values
 #   benchmarks/memory_comparison.sh stdlib 1000 finetune-memory1536 finetune-nomemory
 #
 # The finetune-* variants start from the nomemory run's weights (train that first) and train
@@ -34,10 +34,10 @@ for variant in "$@"; do
         nomemory)            args=(--set "model.memory_layers=[]") ;;
         memory1536)          args=(--set model.memory_size=1536) ;;
         memory8192)          args=(--set model.memory_size=8192) ;;
-        xl)                  args=(--set "model.memory_layers=[]" --set model.xl_cache=true) ;;
-        memory1536-xl)       args=(--set model.memory_size=1536 --set model.xl_cache=true) ;;
         xl-inputs)           args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
         memory1536-xl-inputs) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
+        xl-keys-values)      args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;
+        memory1536-xl-keys-values) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;
         finetune-memory1536) args=(--set model.memory_size=1536 "${finetune[@]}") ;;
         finetune-nomemory)   args=(--set "model.memory_layers=[]" "${finetune[@]}") ;;
         *) echo "unknown variant '$variant' (see the header of $0)" >&2; exit 2 ;;

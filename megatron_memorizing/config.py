@@ -107,10 +107,11 @@ class MemorizingConfig:
     memory_backend: str = "torch"  # "torch" or "faiss" (exact brute force either way)
     gate_init: float = 0.0  # b_g; g = sigmoid(b_g) weighs memory against local attention
     xl_cache: bool = False  # Transformer-XL: every layer also attends to the previous segment
-    # What the XL cache keeps of it: "keys_values" (as projected last step) or "inputs" (the
-    # layer's input hidden states, projected afresh every step with the current weights, as in
-    # Transformer-XL). Both give the same outputs for the same weights; they train differently.
-    xl_cache_contents: str = "keys_values"
+    # What the XL cache keeps of it: "inputs" (the layer's input hidden states, projected afresh
+    # every step with the current weights, as in Transformer-XL) or "keys_values" (as projected
+    # last step: stale by one step, it trained worse, docs/results.md section 5). Both give the
+    # same outputs for the same weights.
+    xl_cache_contents: str = "inputs"
 
     # --- layout ---------------------------------------------------------------------------------
     tensor_model_parallel_size: int = 1

@@ -102,9 +102,12 @@ class ModelMemories:
     def load_state_dict(self, state: dict) -> None:
         mine = dict(self.named_memories())
         if set(state) != set(mine):
+            kinds = {name.split(".")[1] for name in set(state) ^ set(mine)}
+            hint = (" (an XL cache of keys and values, saved before caches of inputs were the default, "
+                    "is `model.xl_cache_contents: keys_values`)") if {"xl_cache", "xl_inputs"} <= kinds else ""
             raise ValueError(
                 f"saved memory state has {sorted(state)} but this model keeps {sorted(mine)}: it was "
-                f"saved by a model with other memory layers or XL cache settings."
+                f"saved by a model with other memory layers or XL cache settings{hint}."
             )
         for name, memory in mine.items():
             # A kNN memory's size is part of its state: a curriculum may have grown it since start-up.

@@ -39,7 +39,6 @@ VARIANTS = {
     "rope": dict(),
     "xl-gqa-glu-rmsnorm-tied": dict(
         xl_cache=True,
-        xl_cache_contents="inputs",  # the same outputs as a cache of keys and values (test_knn_attention)
         num_query_groups=2,
         normalization="RMSNorm",
         share_embeddings_and_output_weights=True,

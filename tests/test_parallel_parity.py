@@ -54,16 +54,16 @@ def test_tp2_pp2_matches_and_its_checkpoint_loads_at_tp1(reference, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_xl_inputs(tmp_path_factory):
-    init = tmp_path_factory.mktemp("parity-xl-inputs") / "init"
-    return init, run_torchrun(SCRIPT, 1, ["--init-checkpoint", str(init), "--xl-cache-contents", "inputs"])
+def reference_xl_keys_values(tmp_path_factory):
+    init = tmp_path_factory.mktemp("parity-xl-keys-values") / "init"
+    return init, run_torchrun(SCRIPT, 1, ["--init-checkpoint", str(init), "--xl-cache-contents", "keys_values"])
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2", "--recompute", "full"]], ids=["TP2", "PP2-recompute"])
-def test_xl_cache_of_inputs_matches_single_process(reference_xl_inputs, layout):
-    """The cache of layer inputs is per rank and per slot like every other state: TP ranks each
-    re-project it with their own heads, pipeline stages keep their own layers'."""
-    init, expected = reference_xl_inputs
-    got = run_torchrun(SCRIPT, 2, [*layout, "--init-checkpoint", str(init), "--xl-cache-contents", "inputs"])
+def test_xl_cache_of_keys_and_values_matches_single_process(reference_xl_keys_values, layout):
+    """The other XL cache (last step's keys and values, kept by core attention) is per rank and
+    per slot too. (The layouts above use the default, a cache of layer inputs.)"""
+    init, expected = reference_xl_keys_values
+    got = run_torchrun(SCRIPT, 2, [*layout, "--init-checkpoint", str(init), "--xl-cache-contents", "keys_values"])
     assert got["losses"] == pytest.approx(expected["losses"], **TOLERANCE)
     assert got["eval_loss"] == pytest.approx(expected["eval_loss"], **TOLERANCE)

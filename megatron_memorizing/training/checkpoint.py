@@ -317,7 +317,10 @@ class Checkpointer:
         rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
 
         state.stream.load_state_dict(rank_state["stream"])
-        state.memories.load_state_dict(rank_state["memories"])
+        try:
+            state.memories.load_state_dict(rank_state["memories"])
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         _load_model(path / "model", state.model_chunks, allow_memory_mismatch=False)
         state.optimizer.load(path / "optimizer")
         _set_rng_state(rank_state["rng"])

@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--recompute", default="none")
-    parser.add_argument("--xl-cache-contents", default="keys_values", choices=["keys_values", "inputs"])
+    parser.add_argument("--xl-cache-contents", default="inputs", choices=["keys_values", "inputs"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--init-checkpoint", required=True, help="written if absent, else loaded")
     parser.add_argument("--save-checkpoint", help="save the trained weights here")
