@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -70,6 +71,7 @@ def _checked_value(name: str, value, hint):
 
 
 _MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 _POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
 
@@ -87,7 +89,15 @@ class MemorizingConfig:
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
-    normalization: str = "LayerNorm"
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    activation: str = "gelu"  # "gelu", "silu" or "relu"
+    gated_linear_unit: bool = False  # MLP is activation(x W_gate) * (x W_up), e.g. SwiGLU with silu
+    add_bias_linear: bool = True  # biases in every linear layer (Llama-family models have none)
+    add_qkv_bias: bool = False  # biases in the query/key/value projection only (Qwen2)
+    # Local attention may span at most this many tokens (Mistral); a model whose segment (plus XL
+    # cache) is no longer never reaches the limit, and a longer one is refused. None: no limit.
+    sliding_window: Optional[int] = None
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
@@ -145,6 +155,11 @@ class MemorizingConfig:
     def torch_memory_dtype(self) -> torch.dtype:
         return _MEMORY_DTYPES[self.memory_dtype]
 
+    @property
+    def local_attention_span(self) -> int:
+        """Tokens a query may attend to locally: its segment, and the previous one with the XL cache."""
+        return self.segment_length * (2 if self.xl_cache else 1)
+
     def has_memory(self, layer_number: int) -> bool:
         return layer_number in self.memory_layers
 
@@ -163,6 +178,11 @@ class MemorizingConfig:
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"tensor_model_parallel_size={tp}: each tensor-parallel rank must own whole heads "
                 f"(and their memory). Use a TP size that divides the head count."
+            )
+        if self.vocab_size % tp:
+            fail(
+                f"vocab_size={self.vocab_size} is not divisible by tensor_model_parallel_size={tp}: each "
+                f"tensor-parallel rank holds an equal slice of the embeddings. Pad the vocabulary to a multiple of {tp}."
             )
         groups = self.num_query_groups or self.num_attention_heads
         if self.num_attention_heads % groups or groups % tp:
@@ -217,6 +237,21 @@ class MemorizingConfig:
                 "xl_cache=True needs relative positions: the cached segment has no absolute position "
                 "in the current one. Use position_embedding_type='rope' (or 'none')."
             )
+        if self.activation not in _ACTIVATIONS:
+            fail(f"activation={self.activation!r}: use one of {sorted(_ACTIVATIONS)}.")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            fail(f"normalization={self.normalization!r}: use 'LayerNorm' or 'RMSNorm'.")
+        span = self.local_attention_span
+        if self.sliding_window is not None and span > self.sliding_window:
+            fail(
+                f"sliding_window={self.sliding_window} is shorter than the {span} tokens local attention spans "
+                f"(segment_length={self.segment_length}{', doubled by the XL cache' if self.xl_cache else ''}): "
+                f"the window would cut attention inside a segment, which this model does not implement. "
+                f"Use a segment_length of at most {self.sliding_window // (2 if self.xl_cache else 1)}."
+            )
+        first_class = sorted(set(self.transformer_overrides) & {f.name for f in dataclasses.fields(self)})
+        if first_class:
+            fail(f"transformer_overrides sets {first_class}, which are model fields: set them as model.<field>.")
         if self.xl_cache_contents not in ("keys_values", "inputs"):
             fail(f"xl_cache_contents={self.xl_cache_contents!r}: use 'keys_values' or 'inputs'.")
         if self.recompute not in ("none", "selective", "full"):
@@ -247,6 +282,11 @@ class MemorizingConfig:
             num_query_groups=self.num_query_groups,
             ffn_hidden_size=self.ffn_hidden_size,
             normalization=self.normalization,
+            layernorm_epsilon=self.layernorm_epsilon,
+            activation_func=_ACTIVATIONS[self.activation],
+            gated_linear_unit=self.gated_linear_unit,
+            add_bias_linear=self.add_bias_linear,
+            add_qkv_bias=self.add_qkv_bias,
             hidden_dropout=self.hidden_dropout,
             attention_dropout=self.attention_dropout,
             init_method_std=self.init_method_std,

@@ -42,7 +42,8 @@ VARIANTS = {
         num_query_groups=2,
         normalization="RMSNorm",
         share_embeddings_and_output_weights=True,
-        transformer_overrides={"gated_linear_unit": True, "add_bias_linear": False},
+        gated_linear_unit=True,
+        add_bias_linear=False,
     ),
     "learned-absolute-two-memory-layers": dict(position_embedding_type="learned_absolute", memory_layers=(2, 4)),
 }

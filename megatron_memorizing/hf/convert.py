@@ -29,6 +29,7 @@ from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
+from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # Written into every export: `--overwrite` replaces only a directory that holds it.
@@ -218,48 +219,6 @@ def hf_config(config: MemorizingConfig, transformer, tokenizer: MemorizingGPTTok
     )
 
 
-def hf_state_dict(megatron: dict, config: MemorizingGPTConfig) -> dict:
-    """Megatron-Core GPTModel (local spec, TP=1) names and layouts -> modeling_memorizing_gpt's."""
-    megatron = dict(megatron)
-    out = {}
-
-    def move(source, target):
-        if source in megatron:
-            out[target] = megatron.pop(source)
-
-    move("embedding.word_embeddings.weight", "model.embed_tokens.weight")
-    move("embedding.position_embeddings.weight", "model.embed_positions.weight")
-    move("decoder.final_layernorm.weight", "model.norm.weight")
-    move("decoder.final_layernorm.bias", "model.norm.bias")
-    move("output_layer.weight", "lm_head.weight")
-    heads, groups, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    for i in range(config.num_hidden_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            move(f"{src}input_layernorm.{kind}", f"{dst}input_layernorm.{kind}")
-            move(f"{src}pre_mlp_layernorm.{kind}", f"{dst}post_attention_layernorm.{kind}")
-            move(f"{src}self_attention.linear_proj.{kind}", f"{dst}self_attn.o_proj.{kind}")
-            move(f"{src}mlp.linear_fc2.{kind}", f"{dst}mlp.down_proj.{kind}")
-            qkv = megatron.pop(f"{src}self_attention.linear_qkv.{kind}", None)
-            if qkv is not None:
-                # Fused rows are interleaved per query group: [q of its heads, k, v] for each group.
-                per_group = qkv.view(groups, heads // groups + 2, d, *qkv.shape[1:])
-                out[f"{dst}self_attn.q_proj.{kind}"] = per_group[:, :-2].reshape(heads * d, *qkv.shape[1:])
-                out[f"{dst}self_attn.k_proj.{kind}"] = per_group[:, -2].reshape(groups * d, *qkv.shape[1:])
-                out[f"{dst}self_attn.v_proj.{kind}"] = per_group[:, -1].reshape(groups * d, *qkv.shape[1:])
-            fc1 = megatron.pop(f"{src}mlp.linear_fc1.{kind}", None)
-            if fc1 is not None and config.gated_linear_unit:
-                # Megatron's GLU is activation(first half) * second half.
-                out[f"{dst}mlp.gate_proj.{kind}"], out[f"{dst}mlp.up_proj.{kind}"] = fc1.chunk(2, dim=0)
-            elif fc1 is not None:
-                out[f"{dst}mlp.up_proj.{kind}"] = fc1
-        for name in ("gate_bias", "memory_log_scale"):
-            move(f"{src}self_attention.core_attention.{name}", f"{dst}self_attn.{name}")
-    if megatron:
-        raise ExportError(f"the checkpoint has weights the exported model has no place for: {sorted(megatron)[:5]}")
-    return {name: t.contiguous() for name, t in out.items()}
-
-
 # --------------------------------------------------------------------------------------------------
 
 
@@ -294,7 +253,10 @@ def export(
     megatron, transformer = load_megatron_state(source)
     config = hf_config(source.config, transformer, hf_tokenizer, memory_size)
     model = MemorizingGPTForCausalLM(config)
-    model.load_state_dict(hf_state_dict(megatron, config))
+    try:
+        model.load_state_dict(to_hf(megatron, Layout.of_hf_config(config)))
+    except WeightsMismatch as error:
+        raise ExportError(f"the checkpoint does not fit the exported model: {error}") from None
     model.to(torch.bfloat16 if source.config.bf16 else torch.float32)
 
     shutil.rmtree(staging, ignore_errors=True)

@@ -11,6 +11,9 @@ The layout follows Megatron-LM's conventions, so its users find their way around
         rank_state/rank_00000.pt per global rank: step, extra, RNG states, memory contents, stream position
         tokenizer.model          the dataset's tokenizer, when its manifest names one (HF export needs it)
 
+A weights-only checkpoint (`write_weights_only`: what megatron-memorizing-import writes) has
+checkpoint.json, config.yaml and model/ only; runs start from it with `checkpoint.init_from`.
+
 Memory contents, optimizer state and stream positions belong to one rank each, so a checkpoint
 resumes only on the layout that saved it; `load_weights` takes the model weights alone into any
 layout (and into a model with memory layers that the checkpoint's model lacked).
@@ -70,14 +73,15 @@ MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
 # run must agree on all of them.
 _RESUME_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "kv_channels", "num_query_groups",
-    "ffn_hidden_size", "vocab_size", "position_embedding_type", "normalization",
-    "share_embeddings_and_output_weights", "memory_layers", "memory_dtype", "xl_cache",
+    "ffn_hidden_size", "vocab_size", "position_embedding_type", "normalization", "gated_linear_unit",
+    "add_bias_linear", "add_qkv_bias", "share_embeddings_and_output_weights", "memory_layers", "memory_dtype", "xl_cache",
     "xl_cache_contents", "segment_length", "micro_batch_size", "num_micro_batches",
 )
 # Those of them that shape the weights: a model differing in one cannot take the checkpoint's weights.
 _WEIGHT_SHAPE_FIELDS = (
     "num_layers", "hidden_size", "num_attention_heads", "kv_channels", "num_query_groups", "ffn_hidden_size",
-    "vocab_size", "position_embedding_type", "normalization", "share_embeddings_and_output_weights",
+    "vocab_size", "position_embedding_type", "normalization", "gated_linear_unit", "add_bias_linear", "add_qkv_bias",
+    "share_embeddings_and_output_weights",
 )
 
 
@@ -293,12 +297,41 @@ class Checkpointer:
             else:
                 path.unlink()
 
+    def write_weights_only(self, model_chunks, run_config: RunConfig, files: dict[str, Path] = {}, **info) -> Path:
+        """Save the model weights alone as step 0, the latest checkpoint of an empty folder
+        (collective); `files` are copied in (relative name -> source file), `info` joins checkpoint.json."""
+        if self.latest() is not None:
+            raise CheckpointError(f"{self.root} already holds a checkpoint ({self.latest()}): choose an empty folder.")
+        final = iteration_dir(self.root, 0)
+        tmp = final.with_name(final.name + _TMP)
+        if dist.get_rank() == 0:
+            self._remove_stale()
+            (tmp / "model").mkdir(parents=True)
+            info = {"format": FORMAT, "step": 0, "layout": current_layout(), "weights_only": True, **info}
+            (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
+            run_config.save(tmp / "config.yaml")
+            for name, source in files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, tmp / name)
+        dist.barrier()
+        dist_checkpointing.save(_model_state([_unwrap(c) for c in model_chunks]), str(tmp / "model"))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            self._publish(tmp, final, 0)
+        dist.barrier()
+        return final
+
     # --- loading ---------------------------------------------------------------------------------
     def load(self, path: str | Path, state: TrainState) -> None:
         """Restore `state` from checkpoint `path` (collective): weights, optimizer, memories, data
         stream, RNG states, step and extra. Needs the layout and the model that saved it."""
         path = resolve(path)
         info = _read_info(path)
+        if info.get("weights_only"):
+            raise CheckpointError(
+                f"{path} holds model weights only (an imported model), nothing to resume: start a run from it "
+                f"with checkpoint.init_from={path.parent} and a checkpoint.dir of its own."
+            )
         now = current_layout()
         if info["layout"] != now:
             raise CheckpointError(
@@ -338,7 +371,7 @@ def _is_complete(path: Path) -> bool:
         info = _read_info(path)
     except (CheckpointError, ValueError):
         return False
-    return len(list((path / "rank_state").glob("rank_*.pt"))) == info.get("world_size")
+    return info.get("weights_only", False) or len(list((path / "rank_state").glob("rank_*.pt"))) == info.get("world_size")
 
 
 def _all_finite(model_chunks) -> bool:
@@ -459,13 +492,15 @@ def _read_info(path: Path) -> dict:
         )
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist.")
-    missing = [p for p in ("checkpoint.json", "config.yaml", "model/metadata.json", "optimizer", "rank_state")
-               if not (path / p).exists()]
+    info = json.loads((path / "checkpoint.json").read_text()) if (path / "checkpoint.json").is_file() else {}
+    parts = ("checkpoint.json", "config.yaml", "model/metadata.json")
+    if not info.get("weights_only"):
+        parts += ("optimizer", "rank_state")
+    missing = [p for p in parts if not (path / p).exists()]
     if missing:
         raise CheckpointError(
             f"{path} is not a complete megatron-memorizing checkpoint: it lacks {', '.join(missing)}."
         )
-    info = json.loads((path / "checkpoint.json").read_text())
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{path}/checkpoint.json has format {info.get('format')!r}, expected {FORMAT!r}.")
     return info

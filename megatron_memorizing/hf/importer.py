@@ -1,0 +1,210 @@
+"""Import a Hugging Face Llama, Qwen2 or Mistral model as a checkpoint to fine-tune with memory.
+
+    megatron-memorizing-import --hf-model HF_DIR --output CKPT_DIR [--set model.memory_layers=[24] ...]
+
+HF_DIR is a local directory as `save_pretrained` writes it: config.json, *.safetensors and the
+tokenizer's files. CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout
+(CKPT_DIR/iter_0000000/model is dist_checkpointing, so any TP/PP layout reads it) whose
+config.yaml describes the model: the architecture from config.json, and memory layers added
+where `--set model.memory_layers=[...]` says (by default the layer at 3/4 depth; `[]` imports
+without memory), their gate and scale initialised as `model.gate_init` says. The tokenizer's
+files are kept in CKPT_DIR/iter_0000000/hf_tokenizer/ (a SentencePiece tokenizer.model also as
+tokenizer.model, which data_tools and the trainer check datasets against). Train from it:
+
+    megatron-memorizing-train --config CKPT_DIR/iter_0000000/config.yaml --set checkpoint.dir=runs/ft ...
+
+(its config sets checkpoint.init_from=CKPT_DIR). The import runs in one process and holds the
+whole model in memory once, in float32 unless `--set model.bf16=true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_memorizing.config import ConfigError, MemorizingConfig
+from megatron_memorizing.hf.llama_family import ARCHITECTURE_FIELDS, UnsupportedModel, max_positions, model_fields
+from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_megatron
+
+# What a tokenizer directory may hold; tokenizer.json (fast) or tokenizer.model (SentencePiece) is needed.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+_MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
+
+
+class HFImportError(RuntimeError):
+    """A Hugging Face directory that cannot be imported as asked; the message says why and what to do."""
+
+
+def read_hf_config(directory: Path):
+    if not (directory / "config.json").is_file():
+        raise HFImportError(f"{directory} has no config.json: pass a directory written by save_pretrained.")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise HFImportError(f"{directory}/config.json cannot be read by transformers: {error}") from None
+
+
+def model_config(hf, overrides: dict) -> MemorizingConfig:
+    """The imported model's config: the architecture from `hf`, memory and layout from `overrides`."""
+    fields = model_fields(hf)
+    fixed = sorted(set(overrides) & set(ARCHITECTURE_FIELDS))
+    if fixed:
+        raise HFImportError(
+            f"model.{', model.'.join(fixed)} come(s) from config.json and fix the weights' shapes: leave them out."
+        )
+    try:
+        config = MemorizingConfig.from_dict({**fields, **overrides})
+    except ConfigError as error:
+        raise HFImportError(str(error)) from None
+    if config.local_attention_span > max_positions(hf):
+        raise HFImportError(
+            f"local attention would span {config.local_attention_span} positions (segment_length="
+            f"{config.segment_length}{', doubled by the XL cache' if config.xl_cache else ''}), more than "
+            f"max_position_embeddings={max_positions(hf)} the model was pretrained for: use a shorter "
+            f"model.segment_length."
+        )
+    return config
+
+
+def tokenizer_files(directory: Path) -> dict[str, Path]:
+    found = {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+    if not ({"tokenizer.json", "tokenizer.model"} & set(found)):
+        raise HFImportError(
+            f"{directory} has no tokenizer (tokenizer.json or tokenizer.model): a model is imported with the "
+            f"tokenizer it was trained with. Save it there (tokenizer.save_pretrained({str(directory)!r}))."
+        )
+    return found
+
+
+def read_weights(directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise HFImportError(
+            f"{directory} has no model.safetensors (or its index): save the model with safe_serialization "
+            f"(the default of save_pretrained)."
+        )
+    weights = {}
+    for name in files:
+        weights.update({key: t.to(dtype) for key, t in load_file(str(directory / name)).items()})
+    return weights
+
+
+def megatron_weights(hf_weights: dict, config: MemorizingConfig, expected: dict) -> dict:
+    """`hf_weights` under Megatron's names, checked against the model's `expected` state dict:
+    every tensor there and of its shape, except the memory parameters the import adds."""
+    if config.share_embeddings_and_output_weights:
+        hf_weights = {k: v for k, v in hf_weights.items() if k != "lm_head.weight"}
+    layout = Layout(config.num_layers, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
+                    config.head_dim, config.gated_linear_unit)
+    try:
+        weights = to_megatron(hf_weights, layout)
+    except WeightsMismatch as error:
+        raise HFImportError(f"the weights do not fit config.json's architecture: {error}") from None
+    missing = sorted(k for k in set(expected) - set(weights) if not k.endswith(_MEMORY_PARAMETERS))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise HFImportError(
+            "the weights do not fit config.json's architecture: "
+            + "; ".join(f"{what}: {', '.join(keys[:4])}" for what, keys in
+                        (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if keys)
+        )
+    return weights
+
+
+def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None = None) -> Path:
+    """Write the weights-only checkpoint `output` from the Hugging Face directory `hf_dir`; returns
+    its iteration directory. `overrides` are model fields (memory, segment, layout)."""
+    from megatron.core import parallel_state
+
+    from megatron_memorizing.model import build_model_chunk
+    from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
+    from megatron_memorizing.training.checkpoint import Checkpointer
+    from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+
+    hf_dir, output = Path(hf_dir), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise HFImportError(f"{output} already exists and is not empty: choose another --output.")
+    hf = read_hf_config(hf_dir)
+    try:
+        config = model_config(hf, overrides or {})
+    except UnsupportedModel as error:
+        raise HFImportError(f"{hf_dir}: {error}") from None
+    files = tokenizer_files(hf_dir)
+    # Built in one process; the memory buffers are not saved, so they are kept small.
+    single = dataclasses.replace(
+        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, sequence_parallel=False, micro_batch_size=1,
+        num_micro_batches=1, recompute="none", memory_size=config.knn_top_k,
+    )
+    started = not parallel_state.model_parallel_is_initialized()
+    if started:
+        initialize_distributed()
+    elif torch.distributed.get_world_size() != 1:
+        raise HFImportError("import runs in one process: call it outside of a multi-process job.")
+    try:
+        model = build_model_chunk(single, use_transformer_engine=False)
+        expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        weights = megatron_weights(read_weights(hf_dir, torch.bfloat16 if config.bf16 else torch.float32), config, expected)
+        model.load_state_dict(weights, strict=False)
+        run = RunConfig(model=config, checkpoint=CheckpointConfig(dir=None, init_from=str(output.resolve())))
+        copied = {f"hf_tokenizer/{name}": path for name, path in files.items()} | {"hf_config.json": hf_dir / "config.json"}
+        if "tokenizer.model" in files:
+            copied["tokenizer.model"] = files["tokenizer.model"]
+        return Checkpointer(CheckpointConfig(dir=str(output))).write_weights_only(
+            [model], run, copied, imported_from=str(hf_dir.resolve()),
+        )
+    finally:
+        if started:
+            destroy_distributed()
+
+
+def main(argv=None) -> int:
+    from megatron_memorizing.training.config import apply_override
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("--output", required=True, help="checkpoint directory to create")
+    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+                        help="memory, segment and layout fields, e.g. model.memory_layers=[12] model.memory_size=65536")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for override in args.set:
+        if not override.startswith("model."):
+            print(f"error: --set {override}: only model.* fields are set at import (training settings go to the trainer).",
+                  file=sys.stderr)
+            return 2
+        try:
+            apply_override(overrides, override)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    try:
+        iteration = import_model(args.hf_model, args.output, overrides.get("model", {}))
+    except HFImportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"imported {args.hf_model} -> {iteration}")
+    print(f"fine-tune: megatron-memorizing-train --config {iteration / 'config.yaml'} --set checkpoint.dir=DIR "
+          f"--set data.train=PREFIX --set data.validation=PREFIX")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
