@@ -106,16 +106,6 @@ def segment_errors(a, b):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tokenizer")
-    spm.SentencePieceTrainer.train(
-        input=str(STDLIB / "textwrap.py"), model_prefix=str(out / "sp"), vocab_size=400, minloglevel=2,
-        model_type="bpe", **EXACT_SETTINGS,
-    )
-    return out / "sp.model"
-
-
-@pytest.fixture(scope="module")
 def checkpoint(single_rank, tmp_path_factory, tokenizer_model):
     """The default variant, saved: (run dir, Megatron model)."""
     config = model_config()

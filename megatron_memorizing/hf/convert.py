@@ -1,6 +1,13 @@
-"""Export a training checkpoint as a Hugging Face model directory (`trust_remote_code=True`).
+"""Export a training checkpoint as a Hugging Face model directory.
 
-    python -m megatron_memorizing.hf.convert --checkpoint RUN_OR_ITER_DIR --output OUT [--memory-size N]
+    megatron-memorizing-export --checkpoint RUN_OR_ITER_DIR --output OUT [--memory-size N]
+
+A model with memory (or the XL cache) becomes the remote-code model of modeling_memorizing_gpt.py
+(`trust_remote_code=True`), described below. A model without them whose architecture is a Llama
+family member's (RMSNorm, SwiGLU, RoPE: an imported one, or one trained so) becomes that standard
+class instead, LlamaForCausalLM, Qwen2ForCausalLM or MistralForCausalLM, with no remote code, so
+any Hugging Face tool takes it; its tokenizer is the imported one, or the SentencePiece model as
+a LlamaTokenizer encoding exactly as it does.
 
 The checkpoint may have been saved under any tensor/pipeline layout: its weights are loaded,
 resharded by dist_checkpointing, into a single-process (TP=1, PP=1) Megatron model built from the
@@ -29,6 +36,7 @@ from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
+from megatron_memorizing.hf.llama_family import standard_class, standard_config
 from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -56,7 +64,9 @@ class ExportError(RuntimeError):
 class Checkpoint:
     iteration_dir: Path
     config: MemorizingConfig
-    tokenizer: Path
+    tokenizer: Path | None  # SentencePiece model; None when only a Hugging Face tokenizer came with it
+    hf_tokenizer: Path | None = None  # the tokenizer files of an imported model
+
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,6 +114,9 @@ def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
             f"the save was interrupted, or this is another kind of checkpoint."
         )
     tokenizer = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.model"
+    hf_tokenizer = directory / "hf_tokenizer" if (directory / "hf_tokenizer").is_dir() else None
+    if not tokenizer.is_file() and hf_tokenizer is not None:
+        return Checkpoint(directory, config, None, hf_tokenizer)
     if not tokenizer.is_file():
         raise ExportError(
             f"no tokenizer at {tokenizer}: the checkpoint was saved without one. "
@@ -115,7 +128,7 @@ def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
             f"--tokenizer {tokenizer} is not the one the model was trained with ({trained_with}, sha256 differs): "
             f"leave --tokenizer out, or pass {trained_with}."
         )
-    return Checkpoint(directory, config, tokenizer)
+    return Checkpoint(directory, config, tokenizer, hf_tokenizer)
 
 
 def load_megatron_state(checkpoint: Checkpoint) -> tuple[dict, object]:
@@ -244,19 +257,11 @@ def export(
     if staging.exists():  # left by an export that was killed, or somebody else's
         _check_written_by_export(staging, "use it as the staging directory of this export")
     source = read_checkpoint(checkpoint, tokenizer)
-    if memory_size is not None and source.config.memory_layers and memory_size < source.config.knn_top_k:
-        raise ExportError(f"--memory-size {memory_size} is smaller than knn_top_k={source.config.knn_top_k}.")
-    try:
-        hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
-    except (OSError, RuntimeError) as error:
-        raise ExportError(f"{source.tokenizer} is not a readable SentencePiece model: {error}") from None
-    megatron, transformer = load_megatron_state(source)
-    config = hf_config(source.config, transformer, hf_tokenizer, memory_size)
-    model = MemorizingGPTForCausalLM(config)
-    try:
-        model.load_state_dict(to_hf(megatron, Layout.of_hf_config(config)))
-    except WeightsMismatch as error:
-        raise ExportError(f"the checkpoint does not fit the exported model: {error}") from None
+    class_name = standard_class(source.config)
+    if class_name is None:
+        model, save_tokenizer = remote_code_model(source, memory_size)
+    else:
+        model, save_tokenizer = standard_model(source, class_name)
     model.to(torch.bfloat16 if source.config.bf16 else torch.float32)
 
     shutil.rmtree(staging, ignore_errors=True)
@@ -264,14 +269,11 @@ def export(
         # The marker first: a staging directory left by a killed export is recognisably ours.
         staging.mkdir(parents=True)
         (staging / EXPORT_MARKER).write_text(
-            json.dumps({"exported_from": str(source.iteration_dir), "memory_size": config.memory_size}, indent=2) + "\n"
+            json.dumps({"exported_from": str(source.iteration_dir), "architecture": type(model).__name__,
+                        "memory_size": getattr(model.config, "memory_size", None)}, indent=2) + "\n"
         )
-        # Registration makes save_pretrained copy the code files and write `auto_map`.
-        MemorizingGPTConfig.register_for_auto_class()
-        MemorizingGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-        MemorizingGPTTokenizer.register_for_auto_class("AutoTokenizer")
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        hf_tokenizer.save_pretrained(staging)
+        save_tokenizer(staging)
         replaced = output.with_name(output.name + ".replaced.tmp")
         if output.exists():
             output.rename(replaced)
@@ -281,6 +283,91 @@ def export(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def remote_code_model(source: Checkpoint, memory_size: int | None):
+    """The model with its memory, as modeling_memorizing_gpt.py (loaded with trust_remote_code),
+    and the function saving its SentencePiece tokenizer."""
+    if memory_size is not None and source.config.memory_layers and memory_size < source.config.knn_top_k:
+        raise ExportError(f"--memory-size {memory_size} is smaller than knn_top_k={source.config.knn_top_k}.")
+    if source.tokenizer is None:
+        raise ExportError(
+            f"{source.iteration_dir} carries a Hugging Face tokenizer only (hf_tokenizer/), and the exported "
+            f"memorizing model's tokenizer is SentencePiece: pass --tokenizer MODEL.model."
+        )
+    try:
+        hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
+    except (OSError, RuntimeError) as error:
+        raise ExportError(f"{source.tokenizer} is not a readable SentencePiece model: {error}") from None
+    megatron, transformer = load_megatron_state(source)
+    config = hf_config(source.config, transformer, hf_tokenizer, memory_size)
+    model = MemorizingGPTForCausalLM(config)
+    _load_hf_weights(model, megatron)
+    # Registration makes save_pretrained copy the code files and write `auto_map`.
+    MemorizingGPTConfig.register_for_auto_class()
+    MemorizingGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    MemorizingGPTTokenizer.register_for_auto_class("AutoTokenizer")
+    return model, hf_tokenizer.save_pretrained
+
+
+def standard_model(source: Checkpoint, class_name: str):
+    """A model without memory as the transformers class it is (LlamaForCausalLM, ...; no remote
+    code), and the function saving its tokenizer: the imported one, or the SentencePiece model
+    as a LlamaTokenizer that encodes exactly as it does."""
+    import transformers
+
+    if source.hf_tokenizer is not None and source.tokenizer is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.hf_tokenizer))
+        save_tokenizer = tokenizer.save_pretrained
+    else:
+        tokenizer = llama_tokenizer(source.tokenizer)
+
+        def save_tokenizer(directory: Path):
+            tokenizer.save_pretrained(directory)
+            # As Llama-2's repositories do: the SentencePiece model beside tokenizer.json, which an
+            # import of this export then checks datasets against.
+            shutil.copy(source.tokenizer, Path(directory) / "tokenizer.model")
+    fields = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id") for kind in ("bos", "eos", "pad")}
+    origin = source.iteration_dir / "hf_config.json"  # an imported model's: its pretrained context
+    positions = json.loads(origin.read_text()).get("max_position_embeddings") if origin.is_file() else None
+    fields["max_position_embeddings"] = max(positions or 0, source.config.segment_length)
+    config = standard_config(source.config, class_name, fields)
+    model = getattr(transformers, class_name)(config)
+    megatron, _ = load_megatron_state(source)
+    _load_hf_weights(model, megatron)
+    return model, save_tokenizer
+
+
+def llama_tokenizer(sentencepiece_model: Path):
+    """The SentencePiece model as a transformers LlamaTokenizer with the same ids for the same text:
+    no prefix space, no BOS or EOS added (the project's datasets have neither)."""
+    import tempfile
+
+    import sentencepiece as spm
+    import transformers
+
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
+    special = {kind: sp.id_to_piece(index) for kind, index in
+               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
+               if index >= 0}
+    settings = dict(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False, legacy=False,
+                    add_prefix_space=False, **special)
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(sentencepiece_model, Path(folder) / "tokenizer.model")
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(settings))
+        return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def _load_hf_weights(model, megatron: dict) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(to_hf(megatron, Layout.of_hf_config(model.config)), strict=False)
+    except WeightsMismatch as error:
+        raise ExportError(f"the checkpoint does not fit the exported model: {error}") from None
+    tied = model.config.tie_word_embeddings and missing == ["lm_head.weight"]
+    if unexpected or (missing and not tied):
+        raise ExportError(f"the checkpoint does not fit the exported model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if tied:
+        model.tie_weights()
 
 
 def _check_written_by_export(path: Path, action: str) -> None:

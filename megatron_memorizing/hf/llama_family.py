@@ -129,8 +129,9 @@ def standard_class(config: MemorizingConfig) -> str | None:
     return FAMILY["mistral"] if config.sliding_window else FAMILY["llama"]
 
 
-def standard_config(config: MemorizingConfig, class_name: str, tokens: dict):
-    """The transformers config of `class_name` for `config`; `tokens` holds bos/eos/pad token ids."""
+def standard_config(config: MemorizingConfig, class_name: str, extra: dict):
+    """The transformers config of `class_name` for `config`; `extra` holds what the model config
+    does not know: bos/eos/pad token ids, max_position_embeddings."""
     import transformers
 
     kind = {name: model_type for model_type, name in FAMILY.items()}[class_name]
@@ -148,8 +149,7 @@ def standard_config(config: MemorizingConfig, class_name: str, tokens: dict):
         tie_word_embeddings=config.share_embeddings_and_output_weights,
         initializer_range=config.init_method_std,
         architectures=[class_name],
-        torch_dtype="bfloat16" if config.bf16 else "float32",
-        **tokens,
+        **extra,
     )
     if kind == "llama":
         fields.update(attention_bias=config.add_bias_linear, mlp_bias=config.add_bias_linear)

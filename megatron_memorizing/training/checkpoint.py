@@ -67,6 +67,8 @@ LOCK = ".lock"  # held by the run writing into the folder
 _DISK_FULL = 64 * 2**20  # bytes free below which a failed save is put down to a full disk
 _ITERATION = re.compile(r"iter_(\d{7,})")
 _TMP = ".tmp"
+# What an imported model's checkpoint keeps of its Hugging Face origin (see hf/importer.py).
+IMPORTED_FILES = ("hf_tokenizer", "hf_config.json")
 # Parameters of the memory itself: the only ones a model may have that its checkpoint lacks.
 MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
 # Model fields that shape the parameters, the memory contents or the per-slot state; a resumed
@@ -467,14 +469,22 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _copy_tokenizer(run_config: RunConfig, target: Path) -> None:
+    """The dataset's SentencePiece model; and what an imported model came with (its Hugging Face
+    tokenizer and config.json), carried from the checkpoint the run started from, for the export."""
     prefix = run_config.data.train
     try:
         manifest = read_manifest(prefix)
     except DataError:  # a dataset without a manifest names no tokenizer
-        return
-    source = dataset_tokenizer_path(prefix, manifest)
-    if source.is_file():
-        shutil.copy2(source, target / "tokenizer.model")
+        manifest = None
+    if manifest is not None and dataset_tokenizer_path(prefix, manifest).is_file():
+        shutil.copy2(dataset_tokenizer_path(prefix, manifest), target / "tokenizer.model")
+    if run_config.checkpoint.init_from:
+        origin = resolve(run_config.checkpoint.init_from)
+        for name in IMPORTED_FILES:
+            if (origin / name).is_dir():
+                shutil.copytree(origin / name, target / name)
+            elif (origin / name).is_file():
+                shutil.copy2(origin / name, target / name)
 
 
 def _delete(path: Path) -> None:

@@ -1,0 +1,209 @@
+"""Hugging Face import: small random Llama, Qwen2 and Mistral models (built by transformers, no
+download) -> weights-only checkpoints with memory added -> the same model in Megatron-Core.
+
+With memory disabled the imported model must compute the Hugging Face model's logits, in one
+process and loaded at TP=2 or PP=2; a model imported without memory must export back as the
+standard class with the same weights; what cannot be represented is refused with a reason.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from conftest import STDLIB
+from distributed import run_torchrun, SCRIPTS
+from megatron_memorizing.hf.convert import export, llama_tokenizer
+from megatron_memorizing.hf.importer import HFImportError, import_model
+from megatron_memorizing.hf.importer import main as import_main
+from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.model import build_model
+from megatron_memorizing.training.checkpoint import Checkpointer, CheckpointError, load_weights
+from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+from tiny import document_batches
+
+TOLERANCE = 1e-4
+SEGMENT = 32
+SLOTS = 2
+SHAPE = dict(vocab_size=448, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=50000.0)
+FAMILY = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=64, tie_word_embeddings=False)),
+}
+IMPORT = {"segment_length": SEGMENT, "micro_batch_size": SLOTS, "memory_size": 64, "knn_top_k": 4}
+
+
+def hf_model(kind: str, directory: Path, tokenizer: Path, seed=0, **overrides):
+    """A random model of `kind` saved with `tokenizer` (a SentencePiece model, as tokenizer.model, or
+    a transformers tokenizer directory). Weights are perturbed so that zero biases and unit norms
+    cannot hide a misplaced tensor."""
+    config_class, model_class, own = FAMILY[kind]
+    torch.manual_seed(seed)
+    model = model_class(config_class(**{**SHAPE, **own, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.2 if p.dim() == 1 else 0.05))
+    model.save_pretrained(directory)
+    if tokenizer.is_dir():
+        for f in tokenizer.iterdir():
+            shutil.copy(f, directory / f.name)
+    else:
+        shutil.copy(tokenizer, directory / "tokenizer.model")
+    return model
+
+
+def imported_model(output: Path):
+    run = RunConfig.load(output / "iter_0000000" / "config.yaml")
+    (model,) = build_model(run.model)
+    load_weights(output, [model])
+    return model.eval(), run.model
+
+
+def tokens(seed=1):
+    return torch.randint(0, SHAPE["vocab_size"], (SLOTS, SEGMENT), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def megatron_logits_without_memory(model, ids):
+    memories = ModelMemories([model], SLOTS)
+    memories.reset(torch.ones(SLOTS, dtype=torch.bool))
+    memories.use_micro_batch(0)
+    with memories.disabled():
+        return model(ids, torch.arange(ids.shape[1]).expand(SLOTS, -1), None)
+
+
+@pytest.fixture(scope="module")
+def fast_tokenizer(tmp_path_factory, tokenizer_model):
+    """The SentencePiece model as a transformers tokenizer directory (tokenizer.json)."""
+    out = tmp_path_factory.mktemp("fast")
+    llama_tokenizer(tokenizer_model).save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", FAMILY)
+def test_import_computes_the_hf_logits_with_memory_disabled(single_rank, tmp_path, tokenizer_model, kind):
+    hf = hf_model(kind, tmp_path / "hf", tokenizer_model)
+    iteration = import_model(tmp_path / "hf", tmp_path / "ckpt", IMPORT)
+    model, config = imported_model(tmp_path / "ckpt")
+
+    assert config.memory_layers == (3,)  # by default the layer at 3/4 depth
+    assert (iteration / "tokenizer.model").is_file() and (iteration / "hf_tokenizer" / "tokenizer.model").is_file()
+    ids = tokens()
+    with torch.no_grad():
+        expected = hf(ids).logits
+    assert (megatron_logits_without_memory(model, ids) - expected).abs().max().item() < TOLERANCE
+    gate = dict(model.named_parameters())["decoder.layers.2.self_attention.core_attention.gate_bias"]
+    assert torch.equal(gate, torch.full_like(gate, config.gate_init))  # added, at its configured start
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_import_loads_at_other_layouts(single_rank, tmp_path, fast_tokenizer, tp, pp):
+    hf = hf_model("qwen2", tmp_path / "hf", fast_tokenizer)  # biases, GQA and tied embeddings
+    import_model(tmp_path / "hf", tmp_path / "ckpt", IMPORT)
+    result = run_torchrun(SCRIPTS / "hf_import_losses.py", tp * pp,
+                          ["--checkpoint", str(tmp_path / "ckpt"), "--tp", str(tp), "--pp", str(pp)])
+    batches = document_batches(2, SLOTS, SEGMENT, SHAPE["vocab_size"], seed=3)
+    for batch, got in zip(batches, result["token_losses"]):
+        with torch.no_grad():
+            logits = hf(batch.tokens).logits
+        expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.labels, reduction="none")
+        assert (torch.tensor(got) - expected).abs().max().item() < TOLERANCE
+
+
+def test_a_model_imported_without_memory_exports_as_the_same_llama(single_rank, tmp_path, fast_tokenizer):
+    hf = hf_model("llama", tmp_path / "hf", fast_tokenizer)
+    import_model(tmp_path / "hf", tmp_path / "ckpt", {**IMPORT, "memory_layers": []})
+    out = export(tmp_path / "ckpt", tmp_path / "back")
+
+    assert not list(out.glob("*.py"))  # no remote code
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
+    original, exported = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[name], exported[name]) for name in original)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+    text = (STDLIB / "textwrap.py").read_text()[:2000]
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == \
+        transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text)
+
+
+def test_a_sentencepiece_model_becomes_a_llama_tokenizer_with_the_same_ids(tokenizer_model):
+    text = (STDLIB / "argparse.py").read_text()[:20000] + "\n\t  é 日本語 \U0001f600\n\n"
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    tokenizer = llama_tokenizer(tokenizer_model)
+    assert tokenizer.encode(text) == sp.encode(text)
+    assert tokenizer.decode(sp.encode(text)) == text
+
+
+def test_a_weights_only_checkpoint_is_refused_for_resuming(single_rank, tmp_path, tokenizer_model):
+    hf_model("llama", tmp_path / "hf", tokenizer_model)
+    import_model(tmp_path / "hf", tmp_path / "ckpt", IMPORT)
+    with pytest.raises(CheckpointError, match="weights only.*checkpoint.init_from"):
+        Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt"))).load(tmp_path / "ckpt", state=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals: one clear line, exit code 1 or 2, nothing written
+
+
+REFUSALS = {
+    "outside the family": (dict(kind="gpt2"), [], "not in the Llama family"),
+    "heads not divisible by TP": (dict(), ["model.tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
+    "no tokenizer": (dict(tokenizer=False), [], "has no tokenizer"),
+    "scaled rope": (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+                    [], "rope scaling of type 'llama3'"),
+    "segment beyond the pretrained context": (dict(), ["model.segment_length=256"], "max_position_embeddings=128"),
+    "window shorter than a segment": (dict(kind="mistral", sliding_window=16), [], "sliding_window=16"),
+    "architecture overridden": (dict(), ["model.hidden_size=32"], "come.* from config.json"),
+    "a training setting": (dict(), ["optimizer.lr=1e-4"], "only model.\\* fields"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_model, capsys, case):
+    spec, settings, message = REFUSALS[case]
+    spec = dict(spec)
+    kind, with_tokenizer = spec.pop("kind", "llama"), spec.pop("tokenizer", True)
+    directory = tmp_path / "hf"
+    if kind == "gpt2":
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=448)).save_pretrained(directory)
+        shutil.copy(tokenizer_model, directory / "tokenizer.model")
+    else:
+        hf_model(kind, directory, tokenizer_model, **spec)
+    if not with_tokenizer:
+        (directory / "tokenizer.model").unlink()
+    before = sorted(p.name for p in directory.iterdir())
+    capsys.readouterr()  # the setup's own output
+
+    argv = ["--hf-model", str(directory), "--output", str(tmp_path / "ckpt"), "--set", f"model.segment_length={SEGMENT}"]
+    code = import_main(argv + [a for s in settings for a in ("--set", s)])
+
+    error = capsys.readouterr().err.strip()
+    assert code in (1, 2) and len(error.splitlines()) == 1 and error.startswith("error: ")
+    assert re.search(message, error), error
+    assert not (tmp_path / "ckpt").exists()
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_an_existing_output_is_refused_and_left_alone(tmp_path, tokenizer_model):
+    hf_model("llama", tmp_path / "hf", tokenizer_model)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "notes.txt").write_text("mine")
+    with pytest.raises(HFImportError, match="not empty"):
+        import_model(tmp_path / "hf", tmp_path / "ckpt", IMPORT)
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]
