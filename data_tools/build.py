@@ -12,11 +12,11 @@ from pathlib import Path
 from megatron_memorizing.data.atomic import atomic_path
 from megatron_memorizing.data.errors import DataError
 from megatron_memorizing.data.manifest import check_compatible, read_manifest
-from megatron_memorizing.data.tokenizer import Tokenizer
+from megatron_memorizing.data.tokenizer import SENTENCEPIECE_FILE, load_tokenizer
 
 from .corpus import SPLITS, build_corpus
 from .fetch import DEFAULT_CACHE
-from .preprocess import TOKENIZER_FILE, preprocess
+from .preprocess import preprocess
 from .sources import resolve_source
 from .stats import corpus_report, dataset_report
 from .train_tokenizer import train_tokenizer
@@ -33,7 +33,7 @@ def build_options(
         preset=preset, source_dirs=[str(Path(d).resolve()) for d in source_dirs], packages=list(packages),
         patterns=list(patterns), validation_fraction=validation_fraction, test_fraction=test_fraction,
         min_chars=min_chars, vocab_size=None if tokenizer else vocab_size, model_type=None if tokenizer else model_type,
-        tokenizer_sha256=Tokenizer(tokenizer).sha256 if tokenizer else None,
+        tokenizer_sha256=load_tokenizer(tokenizer).sha256 if tokenizer else None,
     )
 
 
@@ -55,7 +55,7 @@ def report(out_dir: Path) -> str:
             f"(preprocessed {t['text_mb']} MB in {t['seconds']} s with {t['workers']} workers: "
             f"{t['mb_per_s']} MB/s, {t['tokens_per_s']:,} tokens/s)"
         )
-    lines.append(f"tokenizer: {out_dir / TOKENIZER_FILE} (vocab {manifests['train'].vocab_size})")
+    lines.append(f"tokenizer: {out_dir / manifests['train'].tokenizer_file} (vocab {manifests['train'].vocab_size})")
     return "\n".join(lines)
 
 
@@ -82,7 +82,7 @@ def build(
     )
     if tokenizer is None:
         tokenizer = train_tokenizer(
-            [out_dir / "corpus" / "train.jsonl"], out_dir / TOKENIZER_FILE, options["vocab_size"], options["model_type"]
+            [out_dir / "corpus" / "train.jsonl"], out_dir / SENTENCEPIECE_FILE, options["vocab_size"], options["model_type"]
         ).path
     for split in _nonempty_splits(stats):
         preprocess(

@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_source_args(build)
     _add_tokenizer_args(build)
     build.add_argument("--tokenizer", type=Path, metavar="MODEL",
-                       help="use this existing SentencePiece .model instead of training one (ignores --vocab-size)")
+                       help="use this existing tokenizer (SentencePiece .model, tokenizer.json, or a directory holding "
+                            "one) instead of training one (ignores --vocab-size)")
     build.add_argument("--out", type=Path, metavar="DIR", help="output directory (default data/PRESET)")
     _workers_arg(build)
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds other files or another build")
@@ -99,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                                           "line, end-of-document id appended), copy the tokenizer beside it and "
                                           "write the manifest PREFIX.json.")
     pre.add_argument("--input", type=Path, required=True, metavar="JSONL", help="documents to tokenize")
-    pre.add_argument("--tokenizer", type=Path, required=True, help="SentencePiece .model to tokenize with")
+    pre.add_argument("--tokenizer", type=Path, required=True,
+                     help="tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory "
+                          "holding one (e.g. an imported checkpoint's iter_0000000/hf_tokenizer)")
     pre.add_argument("--output-prefix", type=Path, required=True,
                      help="dataset path without extension, e.g. data/mine/train")
     pre.add_argument("--split", help="split name recorded in the manifest (default: the prefix's file name)")

@@ -23,12 +23,11 @@ from megatron_memorizing.data.atomic import atomic_path
 from megatron_memorizing.data.errors import DataError
 from megatron_memorizing.data.indexed import check_indexed_files
 from megatron_memorizing.data.manifest import DatasetManifest, files_sha256, manifest_path, write_manifest
-from megatron_memorizing.data.tokenizer import Tokenizer, file_sha256
+from megatron_memorizing.data.tokenizer import Tokenizer, file_sha256, load_tokenizer
 
 from .stats import length_summary
 
 _BLOCK_BYTES = 1 << 19
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def _blocks(path: Path):
@@ -53,7 +52,7 @@ def _start_worker(model_path: str, jsonl_name: str, dtype) -> None:
     # survives even a fresh interpreter, so a worker sets both, whatever its caller had.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker.update(tokenizer=Tokenizer(model_path), name=jsonl_name, dtype=dtype)
+    _worker.update(tokenizer=load_tokenizer(model_path), name=jsonl_name, dtype=dtype)
 
 
 def _tokenize_block(job):
@@ -91,17 +90,20 @@ class _Totals:
 
 
 def _place_tokenizer(tokenizer: Tokenizer, out_dir: Path, force: bool) -> Path:
-    """The dataset's own copy of its tokenizer, shared by the splits written to one directory."""
-    copy = out_dir / TOKENIZER_FILE
+    """The dataset's own copy of its tokenizer (tokenizer.model, or tokenizer.json with its
+    tokenizer_config.json), shared by the splits written to one directory; returns the main file."""
+    (name, source), *companions = tokenizer.files().items()
+    copy = out_dir / name
     if copy.is_file() and file_sha256(copy) != tokenizer.sha256:
         if not force:
             raise DataError(
                 f"{copy} is a different tokenizer, used by the datasets already in {out_dir}: write to another "
                 "directory, or pass --force to replace it (those datasets then fail their compatibility check)"
             )
-    if not copy.is_file() or file_sha256(copy) != tokenizer.sha256:
-        with atomic_path(copy) as tmp:
-            shutil.copyfile(tokenizer.path, tmp)
+    for target, origin in [(copy, source)] + [(out_dir / n, f) for n, f in companions]:
+        if not target.is_file() or file_sha256(target) != file_sha256(origin):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(origin, tmp)
     return copy
 
 
@@ -112,7 +114,7 @@ def preprocess(
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     jsonl, out_prefix = Path(jsonl), Path(out_prefix)
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     if not jsonl.is_file():
         raise DataError(f"input {jsonl} does not exist; build it with `megatron-memorizing-data corpus`")
     outputs = [Path(f"{out_prefix}{ext}") for ext in (".bin", ".idx")] + [manifest_path(out_prefix)]

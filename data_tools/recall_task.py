@@ -39,9 +39,9 @@ import numpy as np
 import sentencepiece as spm
 
 from megatron_memorizing.data.atomic import atomic_path
-from megatron_memorizing.data.tokenizer import Tokenizer
+from megatron_memorizing.data.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
 
-from .preprocess import TOKENIZER_FILE, preprocess
+from .preprocess import preprocess
 from .train_tokenizer import EXACT_SETTINGS
 
 DEFINE, QUERY, PASS = "\nput", "\nget", "\npass"
@@ -138,7 +138,7 @@ def generate_split(spec: RecallSpec, documents: int, seed: int) -> list[str]:
     return ["".join(document_words(spec, generate_document(spec, rng))) for _ in range(documents)]
 
 
-def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> Tokenizer:
+def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> SentencePieceTokenizer:
     """A SentencePiece model in which every task word is a single piece (user-defined symbols),
     with the project's exact-round-trip settings, so decoded ids read as the task text."""
     # SentencePiece writes spaces as U+2581 internally; symbols must be given that way to match.
@@ -159,7 +159,7 @@ def train_word_tokenizer(spec: RecallSpec, output_model: Path) -> Tokenizer:
     )
     with atomic_path(output_model) as tmp:
         tmp.write_bytes(model.getvalue())
-    tokenizer = Tokenizer(output_model)
+    tokenizer = SentencePieceTokenizer(output_model)
     words = document_words(spec, generate_document(spec, np.random.default_rng(0)))
     if len(tokenizer.encode("".join(words))) != len(words):
         raise RuntimeError(f"{output_model}: the task words do not encode as one token each")
@@ -170,7 +170,7 @@ def build(out: Path, spec: RecallSpec, documents: dict[str, int], seed: int = 0,
     """Write OUT/{split}.jsonl, OUT/tokenizer.model and OUT/{split}.bin/.idx/.json for every split."""
     out.mkdir(parents=True, exist_ok=True)
     # Trained straight into the dataset's tokenizer copy, which preprocess then finds identical.
-    tokenizer_path = out / TOKENIZER_FILE
+    tokenizer_path = out / SENTENCEPIECE_FILE
     train_word_tokenizer(spec, tokenizer_path)
     for split, count in documents.items():
         if not count:
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back, args.format)
     documents = {"train": args.train_documents, "validation": args.validation_documents, "test": args.test_documents}
     build(args.out, spec, documents, args.seed, args.force)
-    tokenizer = Tokenizer(args.out / TOKENIZER_FILE)
+    tokenizer = SentencePieceTokenizer(args.out / SENTENCEPIECE_FILE)
     print(f"{args.out}: {documents} documents, vocabulary {tokenizer.vocab_size}")
     return 0
 

@@ -9,7 +9,7 @@ import sentencepiece as spm
 
 from megatron_memorizing.data.atomic import atomic_path
 from megatron_memorizing.data.errors import DataError
-from megatron_memorizing.data.tokenizer import Tokenizer
+from megatron_memorizing.data.tokenizer import SentencePieceTokenizer
 
 # SentencePiece trains on "sentences" of at most max_sentence_length bytes. Runs of whole lines up
 # to this size keep newlines inside the training text, so pieces like "):\n" can be learned.
@@ -44,7 +44,7 @@ def _chunks(jsonl_paths):
 
 def train_tokenizer(
     jsonl_paths, output_model, vocab_size: int = 8000, model_type: str = "bpe", max_sentences: int = 100_000
-) -> Tokenizer:
+) -> SentencePieceTokenizer:
     """Train on the texts of `jsonl_paths` and write `output_model` (a SentencePiece .model).
 
     `max_sentences` caps the number of ~4000-character chunks SentencePiece samples (so memory and
@@ -67,4 +67,4 @@ def train_tokenizer(
         raise DataError(f"SentencePiece training failed: {error}. A smaller --vocab-size may fit this corpus") from None
     with atomic_path(output_model) as tmp:
         tmp.write_bytes(model.getvalue())
-    return Tokenizer(output_model)
+    return SentencePieceTokenizer(output_model)

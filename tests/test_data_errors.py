@@ -14,9 +14,9 @@ from megatron_memorizing.data import (
     DataError,
     DocumentStream,
     IncompatibleError,
-    Tokenizer,
     TokenizerError,
     check_compatible,
+    load_tokenizer,
 )
 
 
@@ -58,10 +58,10 @@ def test_garbage_index_and_missing_bin(copy):
 
 def test_missing_or_unreadable_tokenizer(copy, tmp_path):
     with pytest.raises(TokenizerError, match="not found: train one"):
-        Tokenizer(tmp_path / "nowhere.model")
+        load_tokenizer(tmp_path / "nowhere.model")
     (tmp_path / "bad.model").write_bytes(b"\x00garbage")
     with pytest.raises(TokenizerError, match="not a readable SentencePiece model"):
-        Tokenizer(tmp_path / "bad.model")
+        load_tokenizer(tmp_path / "bad.model")
     (tmp_path / "tokenizer.model").unlink()
     with pytest.raises(IncompatibleError, match="tokenizer stored with .* is missing"):
         check_compatible(copy, 1000)

@@ -15,7 +15,7 @@ from data_tools.fetch import FetchError, fetch_debian
 from data_tools.filters import generated_reason
 from data_tools.preprocess import preprocess
 from data_tools.sources import resolve_source
-from megatron_memorizing.data import Tokenizer, check_compatible, read_manifest
+from megatron_memorizing.data import load_tokenizer, check_compatible, read_manifest
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def read_jsonl(path):
 
 
 def test_code_round_trips_exactly(data):
-    tokenizer = Tokenizer(data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer)
     texts = [d["text"] for split in ("train", "test") for d in read_jsonl(data.out / "corpus" / f"{split}.jsonl")]
     texts.append("\tx = 1  \r\n\n\n    y = 'caf\u00e9 \u4e2d\u6587 \U0001f642'\t\n  ")  # tabs, CRLF, unseen characters
     for text in texts:
@@ -38,7 +38,7 @@ def test_code_round_trips_exactly(data):
 def test_bytes_per_id_add_up_to_the_text(data):
     """What bits per byte divides by: the bytes the ids stand for are the text's UTF-8 bytes, for
     code with indentation, non-ASCII letters and characters the tokenizer only knows as bytes."""
-    tokenizer = Tokenizer(data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer)
     table = tokenizer.bytes_per_id()
     text = "def café(naïve):\n    return '\u2603 \U0001f600'  # ünïcödé\n\n\tpass\n"
     ids = tokenizer.encode(text)
@@ -48,7 +48,7 @@ def test_bytes_per_id_add_up_to_the_text(data):
 
 
 def test_dataset_holds_each_document_then_end_of_document(data):
-    tokenizer = Tokenizer(data.tokenizer)
+    tokenizer = load_tokenizer(data.tokenizer)
     dataset = IndexedDataset(str(data.prefix("validation")))  # Megatron's own reader
     docs = read_jsonl(data.out / "corpus" / "validation.jsonl")
     assert len(dataset) == len(docs) and len(dataset.document_indices) == len(docs) + 1

@@ -4,7 +4,7 @@ earlier segments of the same document, and the text and HTML renderings of them.
 import pytest
 from test_eval_perplexity import data, loaded_model  # noqa: F401  (the module-scoped dataset fixture)
 
-from megatron_memorizing.data import Tokenizer, open_indexed_dataset
+from megatron_memorizing.data import load_tokenizer, open_indexed_dataset
 from megatron_memorizing.eval.inspect_retrieval import Renderer, inspect_document, render_html, render_text
 
 
@@ -31,7 +31,7 @@ def test_highlights_are_the_largest_gains_with_neighbours_from_earlier_segments(
 
 
 def test_renderings_mark_the_tokens_and_escape_the_text(inspection, data):  # noqa: F811
-    tokenizer = Tokenizer(f"{data[: data.rindex('/')]}/tokenizer.model")
+    tokenizer = load_tokenizer(f"{data[: data.rindex('/')]}/tokenizer.model")
     renderer = Renderer(tokenizer, inspection.tokens, context=4)
     p = inspection.highlights[0].position
     before, token, after = renderer.pieces(p)

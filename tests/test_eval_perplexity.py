@@ -11,7 +11,7 @@ import torch
 from scripts.ckpt_weights import train_state
 
 from data_tools.recall_task import RecallSpec, build
-from megatron_memorizing.data import DocumentStream, Tokenizer, open_indexed_dataset
+from megatron_memorizing.data import DocumentStream, load_tokenizer, open_indexed_dataset
 from megatron_memorizing.eval import perplexity_cli
 from megatron_memorizing.eval.loading import LoadedModel, forward_logits, token_losses
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, evaluate
@@ -110,7 +110,7 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     assert report["results"]["memory 256"]["tokens"] == (open_indexed_dataset(data).length - 1).sum()
     # Bits per byte: the summed loss in bits over the bytes of the predicted tokens' text (every
     # token of a document but its first).
-    table = Tokenizer(Path(data).parent / "tokenizer.model").bytes_per_id()
+    table = load_tokenizer(Path(data).parent / "tokenizer.model").bytes_per_id()
     documents = open_indexed_dataset(data)
     text_bytes = sum(sum(table[i] for i in documents.read(d, 1, int(documents.length[d]) - 1).tolist()) for d in range(len(documents)))
     for result in report["results"].values():

@@ -26,9 +26,8 @@ from distributed import SCRIPTS, environment_without_launcher, run_torchrun
 from megatron_memorizing.hf.convert import EXPORT_MARKER, TRACKER, ExportError, export
 from megatron_memorizing.hf.convert import main as convert_main
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
-from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
-from tiny import tiny_config
+from tiny import stream_logits, tiny_config
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SEGMENT = 16  # tiny_config's segment_length
@@ -87,18 +86,8 @@ def document(seed=0):
     return base.repeat(1, SEGMENTS // 2)
 
 
-@torch.no_grad()
 def megatron_logits(model, tokens):
-    """Stream the segments through Megatron, committing each to memory as the trainer does."""
-    memories = ModelMemories([model], ROWS)
-    memories.reset(torch.ones(ROWS, dtype=torch.bool))
-    positions = torch.arange(SEGMENT).expand(ROWS, -1)
-    logits = []
-    for segment in tokens.split(SEGMENT, dim=1):
-        memories.use_micro_batch(0)
-        logits.append(model(segment, positions, None))
-        memories.commit()
-    return torch.cat(logits, dim=1)
+    return stream_logits(model, tokens, SEGMENT)
 
 
 def segment_errors(a, b):

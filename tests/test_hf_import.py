@@ -9,6 +9,8 @@ standard class with the same weights; what cannot be represented is refused with
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +20,17 @@ import transformers
 from safetensors.torch import load_file
 
 from conftest import STDLIB
-from distributed import run_torchrun, SCRIPTS
+from data_tools.preprocess import preprocess
+from distributed import SCRIPTS, environment_without_launcher, run_torchrun
+from megatron_memorizing.data import IncompatibleError, check_compatible, load_tokenizer
 from megatron_memorizing.hf.convert import export, llama_tokenizer
 from megatron_memorizing.hf.importer import HFImportError, import_model
 from megatron_memorizing.hf.importer import main as import_main
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
-from megatron_memorizing.training.checkpoint import Checkpointer, CheckpointError, load_weights
+from megatron_memorizing.training.checkpoint import Checkpointer, CheckpointError, check_checkpoint_tokenizer, load_weights
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
-from tiny import document_batches
+from tiny import document_batches, stream_logits
 
 TOLERANCE = 1e-4
 SEGMENT = 32
@@ -147,6 +151,80 @@ def test_a_sentencepiece_model_becomes_a_llama_tokenizer_with_the_same_ids(token
     tokenizer = llama_tokenizer(tokenizer_model)
     assert tokenizer.encode(text) == sp.encode(text)
     assert tokenizer.decode(sp.encode(text)) == text
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer (as Llama-3's and Qwen2's are) with an end-of-text token, saved
+    as transformers saves one: tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([(STDLIB / name).read_text() for name in ("textwrap.py", "bisect.py")], trainer)
+    out = tmp_path_factory.mktemp("byte_level")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+def test_a_hugging_face_tokenizer_works_through_data_tools(tmp_path, byte_level_tokenizer):
+    text = (STDLIB / "heapq.py").read_text() + "\n# é 日本語 \U0001f600\n"
+    tokenizer = load_tokenizer(byte_level_tokenizer)  # the directory: its tokenizer.json
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert sum(tokenizer.bytes_per_id()[i] for i in ids) == len(text.encode())  # bits per byte's denominator
+    assert tokenizer.eod_id == tokenizer.encode("<|endoftext|>")[0] and tokenizer.bytes_per_id()[tokenizer.eod_id] == 0
+
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    manifest = preprocess(tmp_path / "docs.jsonl", byte_level_tokenizer, tmp_path / "data" / "train")
+    assert (manifest.tokenizer_file, manifest.eod_id, manifest.tokens) == ("tokenizer.json", tokenizer.eod_id, len(ids) + 1)
+    assert (tmp_path / "data" / "tokenizer_config.json").is_file()  # where the end-of-document token is named
+    assert check_compatible(tmp_path / "data" / "train", 448, byte_level_tokenizer / "tokenizer.json").documents == 1
+
+
+def test_an_imported_model_fine_tunes_on_its_own_tokenizer_and_exports_with_memory(
+    single_rank, tmp_path, byte_level_tokenizer, tokenizer_model
+):
+    """The whole path of a Llama-3-like model: its tokenizer.json tokenizes the data, the import
+    gets a memory layer, a few training steps, then the remote-code export computes what Megatron
+    computes, memory included, and loads the tokenizer without remote code."""
+    hf_model("llama", tmp_path / "hf", byte_level_tokenizer)
+    iteration = import_model(tmp_path / "hf", tmp_path / "imported", IMPORT)
+    documents = [(STDLIB / name).read_text() for name in ("textwrap.py", "heapq.py", "bisect.py", "shlex.py")]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    for split in ("train", "validation"):
+        preprocess(tmp_path / "docs.jsonl", iteration / "hf_tokenizer", tmp_path / "data" / split)
+    with pytest.raises(IncompatibleError, match="sha256 differs"):  # data of another tokenizer
+        check_checkpoint_tokenizer(iteration, tokenizer_model)
+
+    run = tmp_path / "run"
+    settings = [f"data.train={tmp_path / 'data' / 'train'}", f"data.validation={tmp_path / 'data' / 'validation'}",
+                "training.steps=3", "training.eval_segments=2", "optimizer.lr=1e-3", "optimizer.warmup_steps=1",
+                f"checkpoint.dir={run}", f"logging.dir={run}", "logging.interval=1"]
+    trained = subprocess.run(
+        [sys.executable, "-m", "megatron_memorizing.train", "--config", str(iteration / "config.yaml"),
+         *[a for s in settings for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=600, env=environment_without_launcher(),
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+
+    out = export(run, tmp_path / "hf-memory")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["MemorizingGPTForCausalLM"]
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())  # a standard tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tokenizer.encode(documents[0])[: 3 * SEGMENT]] * SLOTS)
+    assert ids[0].tolist() == load_tokenizer(byte_level_tokenizer).encode(documents[0])[: 3 * SEGMENT]
+
+    config = RunConfig.load(run / "iter_0000003" / "config.yaml").model
+    (model,) = build_model(config)
+    assert load_weights(run, [model]) == []  # the memory's gate and scale were trained and saved
+    expected = stream_logits(model.eval(), ids, SEGMENT)
+    with torch.no_grad():
+        assert (hf(ids).logits - expected).abs().max().item() < TOLERANCE
 
 
 def test_a_weights_only_checkpoint_is_refused_for_resuming(single_rank, tmp_path, tokenizer_model):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data_tools.recall_task import PASS, QUERY, RecallSpec, build, document_words, generate_document, generate_split
-from megatron_memorizing.data import DocumentStream, Tokenizer, open_indexed_dataset
+from megatron_memorizing.data import DocumentStream, load_tokenizer, open_indexed_dataset
 from megatron_memorizing.eval import recall
 from megatron_memorizing.eval.recall import distance_bucket, find_queries, recall_accuracy, task_tokens
 from megatron_memorizing.memories import ModelMemories
@@ -65,7 +65,7 @@ def test_answers_are_defined_earlier_and_many_lie_far_beyond_a_segment():
 @pytest.mark.parametrize("spec", [SMALL, FACTS], ids=["statements", "facts"])
 def test_the_pipeline_keeps_one_token_per_word_and_the_distances(tmp_path, spec):
     build(tmp_path, spec, {"validation": 3})
-    tokenizer = Tokenizer(tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.model")
     documents = open_indexed_dataset(tmp_path / "validation")
     task = task_tokens(str(tmp_path / "validation"))
     assert task.num_values == spec.num_values

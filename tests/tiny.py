@@ -45,3 +45,21 @@ def document_batches(steps: int, slots: int, length: int, vocab: int, boundaries
             )
         )
     return batches
+
+
+@torch.no_grad()
+def stream_logits(model, tokens: torch.Tensor, segment_length: int) -> torch.Tensor:
+    """Logits of a GPTModel reading `tokens` [rows, n] as one document per row, segment by segment,
+    committing each segment to memory as the trainer does."""
+    from megatron_memorizing.memories import ModelMemories
+
+    rows = tokens.shape[0]
+    memories = ModelMemories([model], rows)
+    memories.reset(torch.ones(rows, dtype=torch.bool))
+    positions = torch.arange(segment_length).expand(rows, -1)
+    logits = []
+    for segment in tokens.split(segment_length, dim=1):
+        memories.use_micro_batch(0)
+        logits.append(model(segment, positions, None))
+        memories.commit()
+    return torch.cat(logits, dim=1)

@@ -4,7 +4,7 @@ from .errors import CorruptDatasetError, DataError, IncompatibleError, Tokenizer
 from .indexed import IndexedDocuments, open_indexed_dataset
 from .manifest import DatasetManifest, check_compatible, dataset_tokenizer_path, read_manifest, trained_tokenizer
 from .stream import Batch, DocumentStream
-from .tokenizer import Tokenizer
+from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "Batch",
@@ -14,10 +14,13 @@ __all__ = [
     "DocumentStream",
     "IncompatibleError",
     "IndexedDocuments",
+    "HFTokenizer",
+    "SentencePieceTokenizer",
     "Tokenizer",
     "TokenizerError",
     "check_compatible",
     "dataset_tokenizer_path",
+    "load_tokenizer",
     "open_indexed_dataset",
     "read_manifest",
     "trained_tokenizer",

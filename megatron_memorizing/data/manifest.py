@@ -10,7 +10,7 @@ from pathlib import Path
 from .atomic import atomic_path
 from .errors import CorruptDatasetError, DataError, IncompatibleError
 from .indexed import check_indexed_files
-from .tokenizer import Tokenizer, file_sha256
+from .tokenizer import HF_FILE, SENTENCEPIECE_FILE, file_sha256, load_tokenizer
 
 FORMAT = "megatron-memorizing-dataset/1"
 
@@ -87,12 +87,22 @@ def dataset_tokenizer_path(prefix, manifest: DatasetManifest) -> Path:
     return Path(prefix).parent / manifest.tokenizer_file
 
 
+def checkpoint_tokenizers(checkpoint_dir) -> list[Path]:
+    """The tokenizer files a checkpoint carries: the copy of its training data's (tokenizer.model
+    or tokenizer.json), and an imported model's own (hf_tokenizer/). One tokenizer may be there
+    in both formats."""
+    directory = Path(checkpoint_dir)
+    candidates = [directory / name for name in (SENTENCEPIECE_FILE, HF_FILE)]
+    candidates += [directory / "hf_tokenizer" / name for name in (HF_FILE, SENTENCEPIECE_FILE)]
+    return [path for path in candidates if path.is_file()]
+
+
 def trained_tokenizer(checkpoint_dir, train_prefix) -> Path | None:
     """The tokenizer a checkpoint's model was trained with, where it can be known: the copy in the
-    checkpoint (`tokenizer.model`), else the one its training data's manifest names."""
-    own = Path(checkpoint_dir) / "tokenizer.model"
-    if own.is_file():
-        return own
+    checkpoint, else the one its training data's manifest names."""
+    own = checkpoint_tokenizers(checkpoint_dir)
+    if own:
+        return own[0]
     try:
         return dataset_tokenizer_path(train_prefix, read_manifest(train_prefix)) if train_prefix else None
     except DataError:
@@ -139,7 +149,7 @@ def check_compatible(dataset_prefix, model_vocab_size: int, tokenizer_path=None)
             "in the same directory was built with a different tokenizer; rebuild into separate directories"
         )
     if tokenizer_path is not None:
-        other = Tokenizer(tokenizer_path)
+        other = load_tokenizer(tokenizer_path)
         if other.sha256 != manifest.tokenizer_sha256:
             raise IncompatibleError(
                 f"{dataset_prefix} was tokenized with {own} (sha256 {manifest.tokenizer_sha256[:12]}), "

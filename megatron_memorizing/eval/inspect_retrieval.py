@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.eval.loading import (
     LoadedModel,
     add_checkpoint_arguments,
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     loaded = load_checkpoint(args.checkpoint, args.set, slots=1)
     data = evaluation_data(loaded, args.data, parser)
     inspection = inspect_document(loaded, data, args.document, args.top, args.neighbours)
-    renderer = Renderer(Tokenizer(dataset_tokenizer_path(data, read_manifest(data))), inspection.tokens, args.context)
+    renderer = Renderer(load_tokenizer(dataset_tokenizer_path(data, read_manifest(data))), inspection.tokens, args.context)
     title = f"Retrieval in {data}, document {args.document}: {loaded.path}"
     print(render_text(inspection, renderer, title))
     page = args.html or Path("runs/eval") / loaded.path.parent.parent.name / f"retrieval-{args.document}.html"

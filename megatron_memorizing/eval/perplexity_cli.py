@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, evaluation_data, load_checkpoint
 from megatron_memorizing.eval.long_range import LongRangeTokens
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
@@ -38,7 +38,7 @@ def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int],
     """One pass per memory size, and one with memory disabled, over the same documents; with
     `reference` (the same checkpoint loaded to read longer segments), one more pass of it with
     memory disabled: the long-context model the memory stands in for."""
-    bytes_per_id = Tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
+    bytes_per_id = load_tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
     layout = loaded.config.model  # long-range tokens are those beyond *this* model's local attention
 
     def run(model: LoadedModel) -> Perplexity:

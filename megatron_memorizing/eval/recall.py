@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from data_tools.recall_task import DEFINE, QUERY, RecallSpec, fact_word
-from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, open_indexed_dataset, read_manifest
+from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, open_indexed_dataset, read_manifest
 from megatron_memorizing.eval.loading import add_checkpoint_arguments, evaluation_data, forward_logits, load_checkpoint
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
@@ -41,7 +41,7 @@ class TaskTokens:
 
 def task_tokens(data_prefix: str) -> TaskTokens:
     spec = RecallSpec(**json.loads((Path(data_prefix).parent / "recall.json").read_text())["spec"])
-    tokenizer = Tokenizer(dataset_tokenizer_path(data_prefix, read_manifest(data_prefix)))
+    tokenizer = load_tokenizer(dataset_tokenizer_path(data_prefix, read_manifest(data_prefix)))
 
     def one(word: str) -> int:
         ids = tokenizer.encode(word)

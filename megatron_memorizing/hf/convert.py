@@ -32,7 +32,8 @@ import yaml
 
 from megatron_memorizing.config import ConfigError, MemorizingConfig
 from megatron_memorizing.data import trained_tokenizer
-from megatron_memorizing.data.tokenizer import file_sha256
+from megatron_memorizing.data.manifest import checkpoint_tokenizers
+from megatron_memorizing.data.tokenizer import file_sha256, load_tokenizer
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
@@ -64,8 +65,8 @@ class ExportError(RuntimeError):
 class Checkpoint:
     iteration_dir: Path
     config: MemorizingConfig
-    tokenizer: Path | None  # SentencePiece model; None when only a Hugging Face tokenizer came with it
-    hf_tokenizer: Path | None = None  # the tokenizer files of an imported model
+    tokenizer: Path  # the SentencePiece model or tokenizer.json the model was trained with
+    hf_tokenizer: Path | None = None  # an imported model's own tokenizer directory
 
 
 
@@ -113,21 +114,22 @@ def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
             f"{directory / 'model'} is not a complete dist_checkpointing checkpoint (no metadata.json): "
             f"the save was interrupted, or this is another kind of checkpoint."
         )
-    tokenizer = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.model"
-    hf_tokenizer = directory / "hf_tokenizer" if (directory / "hf_tokenizer").is_dir() else None
-    if not tokenizer.is_file() and hf_tokenizer is not None:
-        return Checkpoint(directory, config, None, hf_tokenizer)
+    own = checkpoint_tokenizers(directory)
+    if tokenizer is None and not own:
+        raise ExportError(
+            f"no tokenizer in {directory}: the checkpoint was saved without one. Pass the tokenizer the data was "
+            f"tokenized with (SentencePiece .model or tokenizer.json): --tokenizer PATH."
+        )
+    tokenizer = Path(tokenizer) if tokenizer is not None else own[0]
     if not tokenizer.is_file():
+        raise ExportError(f"--tokenizer {tokenizer} does not exist.")
+    trained_with = own or [t for t in [trained_tokenizer(directory, (run.get("data") or {}).get("train"))] if t]
+    if trained_with and file_sha256(tokenizer) not in {file_sha256(t) for t in trained_with}:
         raise ExportError(
-            f"no tokenizer at {tokenizer}: the checkpoint was saved without one. "
-            f"Pass the SentencePiece model the data was tokenized with: --tokenizer PATH."
+            f"--tokenizer {tokenizer} is not the one the model was trained with ({trained_with[0]}, sha256 differs): "
+            f"leave --tokenizer out, or pass {trained_with[0]}."
         )
-    trained_with = trained_tokenizer(directory, (run.get("data") or {}).get("train"))
-    if trained_with is not None and file_sha256(trained_with) != file_sha256(tokenizer):
-        raise ExportError(
-            f"--tokenizer {tokenizer} is not the one the model was trained with ({trained_with}, sha256 differs): "
-            f"leave --tokenizer out, or pass {trained_with}."
-        )
+    hf_tokenizer = directory / "hf_tokenizer" if (directory / "hf_tokenizer").is_dir() else None
     return Checkpoint(directory, config, tokenizer, hf_tokenizer)
 
 
@@ -186,16 +188,16 @@ def _check_tensors_match(saved: dict, wanted: dict) -> None:
 # Megatron -> Hugging Face
 
 
-def hf_config(config: MemorizingConfig, transformer, tokenizer: MemorizingGPTTokenizer, memory_size=None):
+def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None):
     unsupported = {name: getattr(transformer, name) for name, assumed in _ASSUMED.items()
                    if getattr(transformer, name, assumed) != assumed}
     if transformer.activation_func not in _ACTIVATIONS:
         unsupported["activation_func"] = transformer.activation_func
     if unsupported:
         raise ExportError(f"the exported model does not implement {unsupported}; train without these settings.")
-    if tokenizer.vocab_size > config.vocab_size:
+    if len(tokenizer) > config.vocab_size:
         raise ExportError(
-            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size} "
+            f"the tokenizer has {len(tokenizer)} pieces but the model only {config.vocab_size} "
             f"embeddings: this tokenizer is not the one the model was trained with."
         )
     return MemorizingGPTConfig(
@@ -287,18 +289,16 @@ def export(
 
 def remote_code_model(source: Checkpoint, memory_size: int | None):
     """The model with its memory, as modeling_memorizing_gpt.py (loaded with trust_remote_code),
-    and the function saving its SentencePiece tokenizer."""
+    and the function saving its tokenizer (SentencePiece, with remote code too; or a Hugging Face one)."""
     if memory_size is not None and source.config.memory_layers and memory_size < source.config.knn_top_k:
         raise ExportError(f"--memory-size {memory_size} is smaller than knn_top_k={source.config.knn_top_k}.")
-    if source.tokenizer is None:
-        raise ExportError(
-            f"{source.iteration_dir} carries a Hugging Face tokenizer only (hf_tokenizer/), and the exported "
-            f"memorizing model's tokenizer is SentencePiece: pass --tokenizer MODEL.model."
-        )
-    try:
-        hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
-    except (OSError, RuntimeError) as error:
-        raise ExportError(f"{source.tokenizer} is not a readable SentencePiece model: {error}") from None
+    hf_tokenizer = standard_tokenizer(source)  # loads without remote code
+    if hf_tokenizer is None:
+        try:
+            hf_tokenizer = MemorizingGPTTokenizer(vocab_file=str(source.tokenizer))
+        except (OSError, RuntimeError) as error:
+            raise ExportError(f"{source.tokenizer} is not a readable SentencePiece model: {error}") from None
+        MemorizingGPTTokenizer.register_for_auto_class("AutoTokenizer")
     megatron, transformer = load_megatron_state(source)
     config = hf_config(source.config, transformer, hf_tokenizer, memory_size)
     model = MemorizingGPTForCausalLM(config)
@@ -306,7 +306,6 @@ def remote_code_model(source: Checkpoint, memory_size: int | None):
     # Registration makes save_pretrained copy the code files and write `auto_map`.
     MemorizingGPTConfig.register_for_auto_class()
     MemorizingGPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    MemorizingGPTTokenizer.register_for_auto_class("AutoTokenizer")
     return model, hf_tokenizer.save_pretrained
 
 
@@ -316,8 +315,8 @@ def standard_model(source: Checkpoint, class_name: str):
     as a LlamaTokenizer that encodes exactly as it does."""
     import transformers
 
-    if source.hf_tokenizer is not None and source.tokenizer is None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.hf_tokenizer))
+    tokenizer = standard_tokenizer(source)
+    if tokenizer is not None:
         save_tokenizer = tokenizer.save_pretrained
     else:
         tokenizer = llama_tokenizer(source.tokenizer)
@@ -336,6 +335,24 @@ def standard_model(source: Checkpoint, class_name: str):
     megatron, _ = load_megatron_state(source)
     _load_hf_weights(model, megatron)
     return model, save_tokenizer
+
+
+def standard_tokenizer(source: Checkpoint):
+    """The checkpoint's tokenizer as a standard transformers tokenizer, or None for a SentencePiece
+    model that did not come with an imported model: an imported model's own tokenizer, with
+    everything it came with (special tokens, chat template), when it is the one the model was
+    trained with; else a tokenizer.json as it is."""
+    import transformers
+
+    imported = source.hf_tokenizer
+    trained_with = file_sha256(source.tokenizer)
+    if imported is not None and any(file_sha256(f) == trained_with for f in imported.iterdir() if f.is_file()):
+        return transformers.AutoTokenizer.from_pretrained(str(imported))
+    if source.tokenizer.suffix != ".json":
+        return None
+    tokenizer = load_tokenizer(source.tokenizer)
+    eos = tokenizer.piece(tokenizer.eod_id) if tokenizer.eod_id is not None else None
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(source.tokenizer), eos_token=eos)
 
 
 def llama_tokenizer(sentencepiece_model: Path):

@@ -9,7 +9,9 @@ The layout follows Megatron-LM's conventions, so its users find their way around
         model/                   megatron.core.dist_checkpointing: reshardable to any TP/PP layout
         optimizer/               the optimizer backend's own files
         rank_state/rank_00000.pt per global rank: step, extra, RNG states, memory contents, stream position
-        tokenizer.model          the dataset's tokenizer, when its manifest names one (HF export needs it)
+        tokenizer.model          the dataset's tokenizer, when its manifest names one (HF export needs it);
+                                 tokenizer.json (+ tokenizer_config.json) for a Hugging Face tokenizer
+        hf_tokenizer/, hf_config.json   what an imported model came with (hf/importer.py), carried along
 
 A weights-only checkpoint (`write_weights_only`: what megatron-memorizing-import writes) has
 checkpoint.json, config.yaml and model/ only; runs start from it with `checkpoint.init_from`.
@@ -52,7 +54,8 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, read_manifest
+from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, load_tokenizer, read_manifest
+from megatron_memorizing.data.manifest import checkpoint_tokenizers
 from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
@@ -397,11 +400,11 @@ def resolve(path: str | Path) -> Path:
 def check_checkpoint_tokenizer(path: Path, tokenizer: Path) -> None:
     """Raise IncompatibleError unless the checkpoint at `path` was trained with `tokenizer` (when
     the checkpoint carries its tokenizer; older ones may not)."""
-    own = Path(path) / "tokenizer.model"
-    if own.is_file() and file_sha256(own) != file_sha256(tokenizer):
+    own = checkpoint_tokenizers(path)
+    if own and file_sha256(tokenizer) not in {file_sha256(f) for f in own}:
         raise IncompatibleError(
-            f"{path} was trained with the tokenizer {own}, but this run's data was tokenized with {tokenizer} "
-            f"(sha256 differs): re-tokenize the data with {own}, or start from a checkpoint of this tokenizer."
+            f"{path} was trained with the tokenizer {own[0]}, but this run's data was tokenized with {tokenizer} "
+            f"(sha256 differs): re-tokenize the data with {own[0]}, or start from a checkpoint of this tokenizer."
         )
 
 
@@ -469,15 +472,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _copy_tokenizer(run_config: RunConfig, target: Path) -> None:
-    """The dataset's SentencePiece model; and what an imported model came with (its Hugging Face
-    tokenizer and config.json), carried from the checkpoint the run started from, for the export."""
+    """The dataset's tokenizer (tokenizer.model, or tokenizer.json and its config); and what an
+    imported model came with (its Hugging Face tokenizer and config.json), carried from the
+    checkpoint the run started from, for the export."""
     prefix = run_config.data.train
     try:
         manifest = read_manifest(prefix)
     except DataError:  # a dataset without a manifest names no tokenizer
         manifest = None
     if manifest is not None and dataset_tokenizer_path(prefix, manifest).is_file():
-        shutil.copy2(dataset_tokenizer_path(prefix, manifest), target / "tokenizer.model")
+        for name, source in load_tokenizer(dataset_tokenizer_path(prefix, manifest)).files().items():
+            shutil.copy2(source, target / name)
     if run_config.checkpoint.init_from:
         origin = resolve(run_config.checkpoint.init_from)
         for name in IMPORTED_FILES:
