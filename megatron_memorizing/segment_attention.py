@@ -122,16 +122,11 @@ class SegmentAttention(MegatronModule):
         if self.rotary is not None:
             cache_keys = self.rotary.rotate(cache_keys, offset=-cached_len)
         cache_values = cache_values.permute(2, 0, 1, 3).to(value.dtype)
-        causal = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
-        mask = torch.cat(
-            [(~cache_valid)[:, None, None, :].expand(-1, 1, s, -1), causal.expand(query.shape[1], 1, s, s)],
-            dim=-1,
-        )  # [b, 1, s, L+s], True = masked
         output = self.local_attention(
             query,
             torch.cat([cache_keys, key]),
             torch.cat([cache_values, value]),
-            mask,
+            cache_then_causal_mask(cache_valid, s),
             attn_mask_type=AttnMaskType.arbitrary,
             **kwargs,
         )
@@ -152,3 +147,12 @@ class SegmentAttention(MegatronModule):
 def as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """[s, b, h, d] activations -> detached [b, h, s, d] memory entries (memory is not differentiable)."""
     return tuple(t.detach().permute(1, 2, 0, 3) for t in tensors)
+
+
+def cache_then_causal_mask(cache_valid: torch.Tensor, length: int) -> torch.Tensor:
+    """The attention mask [b, 1, s, L+s] (True = masked) of s queries over an XL cache of L
+    positions, then their own segment: a cached position where the slot's cache holds one
+    (`cache_valid` [b, L]), their own segment causally."""
+    causal = torch.ones(length, length, dtype=torch.bool, device=cache_valid.device).triu(1)
+    b = cache_valid.shape[0]
+    return torch.cat([(~cache_valid)[:, None, None, :].expand(-1, 1, length, -1), causal.expand(b, 1, length, length)], dim=-1)

@@ -21,7 +21,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.utils import divide
 
 from megatron_memorizing.positions import RotaryPositions
-from megatron_memorizing.segment_attention import state_device
+from megatron_memorizing.segment_attention import cache_then_causal_mask, state_device
 from megatron_memorizing.segment_cache import SegmentCache
 
 
@@ -57,10 +57,7 @@ class XLSelfAttention(SelfAttention):
             query_freqs = kwargs["rotary_pos_emb"]
             query_freqs = query_freqs[0] if isinstance(query_freqs, tuple) else query_freqs
             kwargs["rotary_pos_emb"] = (query_freqs, self.rotary.freqs(length + s, -length, query_freqs.device))
-        causal = torch.ones(s, s, dtype=torch.bool, device=hidden_states.device).triu(1)
-        mask = torch.cat(
-            [(~filled)[:, None, None, None].expand(-1, 1, s, length), causal.expand(len(filled), 1, s, s)], dim=-1
-        )  # [b, 1, s, L+s], True = masked
+        mask = cache_then_causal_mask(filled[:, None].expand(-1, length).to(hidden_states.device), s)
         self.cache.stage(self.slots, hidden_states.detach().transpose(0, 1))
         self._cached_inputs = cached.transpose(0, 1).to(hidden_states.dtype)
         try:
