@@ -1,0 +1,159 @@
+"""Two nodes over a real network on one machine: the launch scripts as a cluster user runs them.
+
+`launch_scripts/two_nodes.sh` makes two network namespaces joined by a veth pair (link-local
+addresses); each "node" starts its own launcher, as on a cluster without ssh, and the ranks meet
+over that link. Every layout must give exactly the losses of the same layout launched on one
+node, each rank's memory must hold only its share, and the 2-node checkpoints must resume on 2
+nodes. Needs root and iproute2; where namespaces cannot be made the tests are skipped, saying why.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distributed import environment_without_launcher
+from fixtures.data_corpus import VOCAB, build_small_data
+from megatron_memorizing.eval.curves import read_scalar
+
+REPO = Path(__file__).resolve().parents[1]
+TWO_NODES = REPO / "launch_scripts" / "two_nodes.sh"
+TIMEOUT = 300
+# Names and addresses of this test session's nodes: not those a user's own `two_nodes.sh up` takes.
+PREFIX, SUBNET = f"mmt{os.getpid() % 10000}n", "169.254.78"
+HEADS, HEAD_DIM, MEMORY, SEGMENT = 4, 16, 256, 64
+
+
+def two_nodes(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
+    return subprocess.run(["bash", str(TWO_NODES), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    made = two_nodes("up")
+    if made.returncode != 0:
+        pytest.skip(f"two network namespaces cannot be made here (needs root and iproute2): {made.stderr.strip()}")
+    yield
+    two_nodes("down")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_small_data(tmp_path_factory.mktemp("multi_node_data"))
+
+
+def settings(data, run: Path, steps: int, *extra: str) -> list[str]:
+    fields = [
+        f"data.train={data.prefix('train')}", f"data.validation={data.prefix('validation')}",
+        f"model.vocab_size={VOCAB}", "model.num_layers=2", "model.memory_layers=[2]", f"model.hidden_size={HEADS * HEAD_DIM}",
+        f"model.num_attention_heads={HEADS}", f"model.segment_length={SEGMENT}", f"model.memory_size={MEMORY}",
+        "model.micro_batch_size=2", f"training.steps={steps}", "training.eval_segments=2",
+        f"checkpoint.dir={run / 'checkpoints'}", "checkpoint.interval=2", f"logging.dir={run}", "logging.interval=1",
+        *extra,
+    ]
+    return [arg for field in fields for arg in ("--set", field)]
+
+
+def launch_on_two_nodes(command_for_node, ranks_per_node: int) -> list[str]:
+    """Start `command_for_node(n)` on both nodes at once, as a cluster's per-node commands; returns their logs."""
+    hostfile_lines = [f"{SUBNET}.{n + 1} slots={ranks_per_node}" for n in (0, 1)]
+    processes = []
+    for n in (1, 0):
+        env = {**environment_without_launcher(), "OMP_NUM_THREADS": "1", "VENV": sys.prefix,
+               "GLOO_SOCKET_IFNAME": f"{PREFIX}v{n}", "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
+        processes.append(subprocess.Popen(
+            ["bash", str(TWO_NODES), "run", str(n), *command_for_node(n, hostfile_lines)], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in processes]
+    for p, log in zip(processes, logs):
+        assert p.returncode == 0, log[-4000:]
+    return logs
+
+
+def deepspeed_no_ssh(tmp_path: Path, sets: list[str], ranks_per_node: int) -> list[str]:
+    """launch_scripts/multi_node.sh in its no-ssh mode: one command per node, same hostfile and master."""
+    hostfile = tmp_path / "hostfile"
+
+    def command(n, lines):
+        hostfile.write_text("\n".join(lines) + "\n")
+        return ["env", f"NODE_RANK={n}", f"MASTER_ADDR={SUBNET}.1", f"HOSTFILE={hostfile}", "MASTER_PORT=29611",
+                "launch_scripts/multi_node.sh", "configs/tiny-cpu.yaml", *sets]
+
+    return launch_on_two_nodes(command, ranks_per_node)
+
+
+def one_node(sets: list[str], ranks: int) -> None:
+    env = {**environment_without_launcher(), "OMP_NUM_THREADS": "1", "VENV": sys.prefix, "NPROC": str(ranks),
+           "LAUNCHER": "deepspeed", "MASTER_PORT": "29612"}
+    done = subprocess.run(["launch_scripts/local_cpu.sh", "configs/tiny-cpu.yaml", *sets], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+
+def losses(run: Path) -> list[float]:
+    return [value for _, value in read_scalar(run, "train/loss")]
+
+
+def memory_bytes(checkpoint: Path) -> dict[int, int]:
+    """Bytes of kNN memory (keys and values) each rank saved."""
+    sizes = {}
+    for path in sorted((checkpoint / "rank_state").glob("rank_*.pt")):
+        memories = torch.load(path, map_location="cpu", weights_only=False)["memories"]
+        sizes[int(path.stem.split("_")[1])] = sum(
+            state[part].numel() * state[part].element_size()
+            for state in memories.values() for part in ("keys", "values") if part in state
+        )
+    return sizes
+
+
+# --------------------------------------------------------------------------------------------------
+
+LAYOUTS = {
+    # name: (model layout settings, ranks per node)
+    "DP=2 across the nodes": ([], 1),
+    "TP=2 (tensor) inside each node x DP=2 across": (["model.tensor_model_parallel_size=2"], 2),
+    "PP=2, one stage per node": (["model.pipeline_model_parallel_size=2"], 1),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_two_nodes_train_as_one_node_does(nodes, data, tmp_path, layout):
+    fields, ranks_per_node = LAYOUTS[layout]
+    one_node(settings(data, tmp_path / "one", 4, *fields), 2 * ranks_per_node)
+    deepspeed_no_ssh(tmp_path, settings(data, tmp_path / "two", 4, *fields), ranks_per_node)
+
+    assert len(losses(tmp_path / "two")) == 4
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
+    # Each rank's memory holds its own slots (2 per data-parallel rank), heads (all, or half under
+    # TP=2) and stage (the memory layer is layer 2: under PP=2, only the second stage has one).
+    tp = 2 if "tensor" in layout else 1
+    share = 2 * (HEADS // tp) * MEMORY * HEAD_DIM * 4 * 2  # slots x heads x M x d x fp32 x (key, value)
+    saved = memory_bytes(tmp_path / "two" / "checkpoints" / "iter_0000004")
+    expected = {rank: 0 if "PP=2" in layout and rank == 0 else share for rank in saved}
+    assert saved == expected
+
+
+def test_two_node_checkpoints_resume_on_two_nodes(nodes, data, tmp_path):
+    one_node(settings(data, tmp_path / "one", 6), 2)
+    deepspeed_no_ssh(tmp_path, settings(data, tmp_path / "two", 4), 1)
+    deepspeed_no_ssh(tmp_path, settings(data, tmp_path / "two", 6), 1)  # resumes from step 4
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
+
+
+def test_torchrun_rendezvous_across_the_nodes(nodes, data, tmp_path):
+    """The c10d rendezvous launch_scripts/slurm.sbatch uses: torchrun on each node, node 0 the endpoint."""
+    one_node(settings(data, tmp_path / "one", 4), 2)
+
+    def command(n, _):
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
+                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{SUBNET}.1:29613",
+                "--rdzv_id", "two-nodes", "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                *settings(data, tmp_path / "two", 4)]
+
+    launch_on_two_nodes(command, 1)
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
