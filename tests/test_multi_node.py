@@ -152,7 +152,11 @@ def test_torchrun_rendezvous_across_the_nodes(nodes, data, tmp_path):
     def command(n, _):
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
                 "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{SUBNET}.1:29613",
-                "--rdzv_id", "two-nodes", "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                "--rdzv_id", "two-nodes",
+                # Who hosts the rendezvous store, and this node's address for its workers: torchrun
+                # guesses both from the host name, which names neither namespace's address.
+                "--rdzv_conf", f"is_host={int(n == 0)}", "--local_addr", f"{SUBNET}.{n + 1}",
+                "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
                 *settings(data, tmp_path / "two", 4)]
 
     launch_on_two_nodes(command, 1)
