@@ -8,6 +8,7 @@
 #   launch_scripts/two_nodes.sh up                 # create them (refuses if the names are taken)
 #   launch_scripts/two_nodes.sh run 0 COMMAND...   # run COMMAND on node 0 (node 1: run 1 ...)
 #   launch_scripts/two_nodes.sh address 1          # print node 1's address
+#   launch_scripts/two_nodes.sh pids 1             # the processes running on node 1 (to kill a node)
 #   launch_scripts/two_nodes.sh down               # remove them (only namespaces this script made)
 #
 # Inside, a node reaches the other only by address; set the collective library's interface so it
@@ -50,6 +51,7 @@ case ${1:-} in
         exec ip netns exec "$(namespace $n)" "$@"
         ;;
     address)   node_index "${2:-}"; address "$2" ;;
+    pids)      node_index "${2:-}"; ip netns pids "$(namespace "$2")" ;;
     interface) node_index "${2:-}"; interface "$2" ;;
     down)
         for n in 0 1; do
@@ -62,5 +64,5 @@ case ${1:-} in
             fi
         done
         ;;
-    *) echo "usage: $0 up | run NODE COMMAND... | address NODE | interface NODE | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | run NODE COMMAND... | address NODE | interface NODE | pids NODE | down" >&2; exit 2 ;;
 esac

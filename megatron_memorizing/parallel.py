@@ -95,6 +95,19 @@ def initialize_distributed(
     _seed(seed)
 
 
+# What the collective libraries say when another rank is gone: its process died (connections
+# reset or closed), or it stopped answering (a timeout).
+_LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Socket Timeout",
+              "Timed out waiting", "timed out", "NCCL communicator was aborted", "Broken pipe")
+
+
+def lost_contact(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another rank died or stopped answering."""
+    if isinstance(error, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _LOST_PEER)
+
+
 def destroy_distributed() -> None:
     """Tears down Megatron's parallel groups and the process group (safe to call twice)."""
     parallel_state.destroy_model_parallel()

@@ -49,7 +49,9 @@ def _train(args: argparse.Namespace) -> int:
 
     # Heavy imports: the config is good.
     from megatron_memorizing.data import DataError
-    from megatron_memorizing.parallel import destroy_distributed
+    import torch.distributed
+
+    from megatron_memorizing.parallel import destroy_distributed, lost_contact
     from megatron_memorizing.training.checkpoint import CheckpointError
     from megatron_memorizing.training.trainer import NonFiniteLossError, Trainer
 
@@ -67,6 +69,19 @@ def _train(args: argparse.Namespace) -> int:
     except DataError as error:  # data found bad during training
         print(f"megatron-memorizing-train: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        if not lost_contact(error):
+            raise
+        latest = trainer.checkpointer.latest() if trainer.checkpointer else None
+        first_line = str(error).strip().splitlines()[0][:200]
+        print(
+            f"megatron-memorizing-train: rank {torch.distributed.get_rank()} lost contact with another rank at step "
+            f"{trainer.state.step + 1} ({first_line}): a process or node of this job died, hangs or was cut off. "
+            f"Restart the job on all nodes; it resumes from the last complete checkpoint "
+            f"({latest or 'none yet: it starts over'}).",
+            file=sys.stderr,
+        )
+        return 3
     finally:
         trainer.close()
     if trainer.logger.is_writer:

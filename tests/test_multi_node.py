@@ -10,6 +10,7 @@ nodes. Needs root and iproute2; where namespaces cannot be made the tests are sk
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,8 +59,8 @@ def settings(data, run: Path, steps: int, *extra: str) -> list[str]:
     return [arg for field in fields for arg in ("--set", field)]
 
 
-def launch_on_two_nodes(command_for_node, ranks_per_node: int) -> list[str]:
-    """Start `command_for_node(n)` on both nodes at once, as a cluster's per-node commands; returns their logs."""
+def start_on_two_nodes(command_for_node, ranks_per_node: int) -> list[subprocess.Popen]:
+    """Start `command_for_node(n)` on both nodes at once, as a cluster's per-node commands: [node 1, node 0]."""
     hostfile_lines = [f"{SUBNET}.{n + 1} slots={ranks_per_node}" for n in (0, 1)]
     processes = []
     for n in (1, 0):
@@ -69,13 +70,19 @@ def launch_on_two_nodes(command_for_node, ranks_per_node: int) -> list[str]:
             ["bash", str(TWO_NODES), "run", str(n), *command_for_node(n, hostfile_lines)], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
+    return processes
+
+
+def launch_on_two_nodes(command_for_node, ranks_per_node: int) -> list[str]:
+    """Run `command_for_node(n)` on both nodes until both end; returns their logs."""
+    processes = start_on_two_nodes(command_for_node, ranks_per_node)
     logs = [p.communicate(timeout=TIMEOUT)[0] for p in processes]
     for p, log in zip(processes, logs):
         assert p.returncode == 0, log[-4000:]
     return logs
 
 
-def deepspeed_no_ssh(tmp_path: Path, sets: list[str], ranks_per_node: int) -> list[str]:
+def multi_node_sh(tmp_path: Path, sets: list[str]):
     """launch_scripts/multi_node.sh in its no-ssh mode: one command per node, same hostfile and master."""
     hostfile = tmp_path / "hostfile"
 
@@ -84,7 +91,11 @@ def deepspeed_no_ssh(tmp_path: Path, sets: list[str], ranks_per_node: int) -> li
         return ["env", f"NODE_RANK={n}", f"MASTER_ADDR={SUBNET}.1", f"HOSTFILE={hostfile}", "MASTER_PORT=29611",
                 "launch_scripts/multi_node.sh", "configs/tiny-cpu.yaml", *sets]
 
-    return launch_on_two_nodes(command, ranks_per_node)
+    return command
+
+
+def deepspeed_no_ssh(tmp_path: Path, sets: list[str], ranks_per_node: int) -> list[str]:
+    return launch_on_two_nodes(multi_node_sh(tmp_path, sets), ranks_per_node)
 
 
 def one_node(sets: list[str], ranks: int) -> None:
@@ -160,4 +171,32 @@ def test_torchrun_rendezvous_across_the_nodes(nodes, data, tmp_path):
                 *settings(data, tmp_path / "two", 4)]
 
     launch_on_two_nodes(command, 1)
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
+
+
+def test_a_node_failure_stops_the_other_node_and_the_job_resumes(nodes, data, tmp_path):
+    """Every process of node 1 is killed mid-run: node 0's rank stops within a bounded time with one
+    clear line (not a hang, not a traceback), and both nodes restarted resume from the last complete
+    checkpoint with exactly the losses of an uninterrupted run."""
+    one_node(settings(data, tmp_path / "one", 12), 2)
+    sets = settings(data, tmp_path / "two", 12)
+    node1, node0 = start_on_two_nodes(multi_node_sh(tmp_path, sets), 1)
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "two" / "checkpoints" / "iter_0000004").is_dir():
+        assert time.monotonic() < deadline and node0.poll() is None, "the run did not reach step 4"
+        time.sleep(0.2)
+    listed = two_nodes("pids", "1").stdout.split()
+    subprocess.run(["kill", "-9", *listed], check=True)
+    killed = time.monotonic()
+    log = node0.communicate(timeout=TIMEOUT)[0]
+    stopped_after = time.monotonic() - killed
+    node1.communicate(timeout=60)
+
+    assert node0.returncode != 0
+    assert stopped_after < 60, f"node 0 took {stopped_after:.0f} s to stop"
+    lines = [line for line in log.splitlines() if line.startswith("megatron-memorizing-train: rank 0 lost contact")]
+    assert len(lines) == 1 and "resumes from the last complete checkpoint" in lines[0], log[-3000:]
+    assert "Traceback" not in log
+
+    deepspeed_no_ssh(tmp_path, sets, 1)  # both nodes again: resumes
     assert losses(tmp_path / "two") == losses(tmp_path / "one")

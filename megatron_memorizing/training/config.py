@@ -55,6 +55,10 @@ class TrainingConfig:
     memory_curriculum: list = field(default_factory=list)
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
     eval_segments: int = 64  # validation segments per slot in one pass (None-like 0: whole split)
+    # How long a collective waits for the other ranks before failing (Megatron-LM's
+    # --distributed-timeout-minutes): a rank whose peer hangs, or whose node is cut off, stops
+    # after this long. A peer that dies outright is noticed at once (its connections close).
+    distributed_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -119,6 +123,7 @@ class RunConfig:
             "logging.interval": (self.logging.interval, 1),
             "training.eval_interval": (training.eval_interval, 0),
             "training.eval_segments": (training.eval_segments, 0),
+            "training.distributed_timeout_minutes": (training.distributed_timeout_minutes, 0.05),
         }
         for name, (value, least) in at_least.items():
             if value < least:

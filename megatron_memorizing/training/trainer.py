@@ -64,6 +64,7 @@ class Trainer:
             pipeline_model_parallel_size=model.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=model.virtual_pipeline_model_parallel_size,
             seed=config.training.seed,
+            timeout_minutes=config.training.distributed_timeout_minutes,
         )
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
