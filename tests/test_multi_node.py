@@ -200,3 +200,26 @@ def test_a_node_failure_stops_the_other_node_and_the_job_resumes(nodes, data, tm
 
     deepspeed_no_ssh(tmp_path, sets, 1)  # both nodes again: resumes
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
+
+
+def test_a_node_that_hangs_stops_the_other_after_the_collective_timeout(nodes, data, tmp_path):
+    """Node 1 frozen (SIGSTOP: no connection closes, as when a node hangs or its network is cut):
+    node 0 stops once training.distributed_timeout_minutes has passed, with the same clear line."""
+    sets = settings(data, tmp_path / "two", 200, "training.distributed_timeout_minutes=0.25")
+    node1, node0 = start_on_two_nodes(multi_node_sh(tmp_path, sets), 1)
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "two" / "checkpoints" / "iter_0000002").is_dir():
+        assert time.monotonic() < deadline and node0.poll() is None, "the run did not reach step 2"
+        time.sleep(0.2)
+    frozen_pids = two_nodes("pids", "1").stdout.split()
+    subprocess.run(["kill", "-STOP", *frozen_pids], check=True)
+    frozen = time.monotonic()
+    try:
+        log = node0.communicate(timeout=TIMEOUT)[0]
+        stopped_after = time.monotonic() - frozen
+    finally:
+        subprocess.run(["kill", "-9", *frozen_pids])
+        node1.communicate(timeout=60)
+    assert node0.returncode != 0
+    assert 10 < stopped_after < 15 + 60, f"node 0 stopped {stopped_after:.0f} s after node 1 froze (timeout 15 s)"
+    assert any(line.startswith("megatron-memorizing-train: rank 0 lost contact") for line in log.splitlines()), log[-3000:]
