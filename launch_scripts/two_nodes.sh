@@ -11,8 +11,9 @@
 #   launch_scripts/two_nodes.sh pids 1             # the processes running on node 1 (to kill a node)
 #   launch_scripts/two_nodes.sh down               # remove them (only namespaces this script made)
 #
-# Inside, a node reaches the other only by address; set the collective library's interface so it
-# does not pick another one: GLOO_SOCKET_IFNAME (CPU) or NCCL_SOCKET_IFNAME (GPU) = `interface N`.
+# Inside, as on a cluster, each node has its own host name (PREFIX0, PREFIX1) and both names
+# resolve to the nodes' addresses (ip netns exec reads /etc/netns/NAME/hosts as /etc/hosts). Set the collective library's interface so that it does not pick another one:
+# GLOO_SOCKET_IFNAME (CPU) or NCCL_SOCKET_IFNAME (GPU) = `interface N`.
 # TWO_NODES_PREFIX (default mm-node) names the namespaces PREFIX0 and PREFIX1;
 # TWO_NODES_SUBNET (default 169.254.77) their addresses SUBNET.1 and SUBNET.2.
 set -euo pipefail
@@ -36,7 +37,13 @@ case ${1:-} in
             fi
         done
         mkdir -p "$marks"
-        for n in 0 1; do ip netns add "$(namespace $n)"; touch "$marks/$(namespace $n)"; done
+        for n in 0 1; do
+            ip netns add "$(namespace $n)"
+            touch "$marks/$(namespace $n)"
+            mkdir -p "/etc/netns/$(namespace $n)"
+            printf '127.0.0.1 localhost\n%s %s\n%s %s\n' "$(address 0)" "$(namespace 0)" "$(address 1)" "$(namespace 1)" \
+                > "/etc/netns/$(namespace $n)/hosts"
+        done
         ip link add "$(interface 0)" type veth peer name "$(interface 1)"
         for n in 0 1; do
             ip link set "$(interface $n)" netns "$(namespace $n)"
@@ -48,7 +55,8 @@ case ${1:-} in
         ;;
     run)
         node_index "${2:-}"; n=$2; shift 2
-        exec ip netns exec "$(namespace $n)" "$@"
+        # A host name of its own (a UTS namespace), as a real node has.
+        exec ip netns exec "$(namespace $n)" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$(namespace $n)" "$@"
         ;;
     address)   node_index "${2:-}"; address "$2" ;;
     pids)      node_index "${2:-}"; ip netns pids "$(namespace "$2")" ;;
@@ -58,6 +66,7 @@ case ${1:-} in
             if [[ -f $marks/$(namespace $n) ]]; then
                 ip netns pids "$(namespace $n)" 2>/dev/null | xargs -r kill -9
                 ip netns del "$(namespace $n)" 2>/dev/null || true  # its veth end goes with it
+                rm -rf "/etc/netns/$(namespace $n)"
                 rm -f "$marks/$(namespace $n)"
             elif ip netns list | grep -qw "$(namespace $n)"; then
                 echo "warning: $(namespace $n) was not made by $0: left alone" >&2

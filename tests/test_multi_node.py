@@ -156,22 +156,54 @@ def test_two_node_checkpoints_resume_on_two_nodes(nodes, data, tmp_path):
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
 
 
-def test_torchrun_rendezvous_across_the_nodes(nodes, data, tmp_path):
-    """The c10d rendezvous launch_scripts/slurm.sbatch uses: torchrun on each node, node 0 the endpoint."""
+SRUN = """#!/usr/bin/env bash
+# Stands in for srun inside the two-node sandbox: runs the job step's command once per node, with
+# the node's SLURM_NODEID, on that node; fails if any node's command fails.
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for n in 0 1; do
+    bash "$TWO_NODES" run $n env SLURM_NODEID=$n SLURM_PROCID=$n GLOO_SOCKET_IFNAME="${TWO_NODES_PREFIX}v$n" "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+"""
+
+
+def test_slurm_script_runs_across_the_nodes(nodes, data, tmp_path):
+    """launch_scripts/slurm.sbatch as SLURM runs it on a 2-node CPU allocation: its torchrun
+    command on each node (a stand-in srun starts it there), meeting in the c10d rendezvous on the
+    first node. There is no SLURM here: srun and scontrol are stand-ins; the script and torchrun
+    are real."""
     one_node(settings(data, tmp_path / "one", 4), 2)
-
-    def command(n, _):
-        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
-                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{SUBNET}.1:29613",
-                "--rdzv_id", "two-nodes",
-                # Who hosts the rendezvous store, and this node's address for its workers: torchrun
-                # guesses both from the host name, which names neither namespace's address.
-                "--rdzv_conf", f"is_host={int(n == 0)}", "--local_addr", f"{SUBNET}.{n + 1}",
-                "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
-                *settings(data, tmp_path / "two", 4)]
-
-    launch_on_two_nodes(command, 1)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(SRUN)
+    (bin_dir / "scontrol").write_text(f"#!/usr/bin/env bash\necho {PREFIX}0\necho {PREFIX}1\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    env = {**environment_without_launcher(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": sys.prefix,
+           "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"{PREFIX}[0-1]", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "4242", "MASTER_PORT": "29613", "TWO_NODES": str(TWO_NODES),
+           "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
+    job = subprocess.run(["bash", "launch_scripts/slurm.sbatch", "configs/tiny-cpu.yaml", *settings(data, tmp_path / "two", 4)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
+
+
+def signal_node_1_at_checkpoint(tmp_path: Path, sets: list[str], step: int, signal: str):
+    """Start the 2-node run and, once checkpoint `step` is there, send `signal` to every process of
+    node 1. Returns node 1's launch, node 0's, node 1's process ids and when they were signalled."""
+    node1, node0 = start_on_two_nodes(multi_node_sh(tmp_path, sets), 1)
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "two" / "checkpoints" / f"iter_{step:07d}").is_dir():
+        assert time.monotonic() < deadline and node0.poll() is None, f"the run did not reach step {step}"
+        time.sleep(0.2)
+    pids = two_nodes("pids", "1").stdout.split()
+    subprocess.run(["kill", f"-{signal}", *pids], check=True)
+    return node1, node0, pids, time.monotonic()
 
 
 def test_a_node_failure_stops_the_other_node_and_the_job_resumes(nodes, data, tmp_path):
@@ -180,14 +212,7 @@ def test_a_node_failure_stops_the_other_node_and_the_job_resumes(nodes, data, tm
     checkpoint with exactly the losses of an uninterrupted run."""
     one_node(settings(data, tmp_path / "one", 12), 2)
     sets = settings(data, tmp_path / "two", 12)
-    node1, node0 = start_on_two_nodes(multi_node_sh(tmp_path, sets), 1)
-    deadline = time.monotonic() + TIMEOUT
-    while not (tmp_path / "two" / "checkpoints" / "iter_0000004").is_dir():
-        assert time.monotonic() < deadline and node0.poll() is None, "the run did not reach step 4"
-        time.sleep(0.2)
-    listed = two_nodes("pids", "1").stdout.split()
-    subprocess.run(["kill", "-9", *listed], check=True)
-    killed = time.monotonic()
+    node1, node0, _, killed = signal_node_1_at_checkpoint(tmp_path, sets, 4, "KILL")
     log = node0.communicate(timeout=TIMEOUT)[0]
     stopped_after = time.monotonic() - killed
     node1.communicate(timeout=60)
@@ -206,14 +231,7 @@ def test_a_node_that_hangs_stops_the_other_after_the_collective_timeout(nodes, d
     """Node 1 frozen (SIGSTOP: no connection closes, as when a node hangs or its network is cut):
     node 0 stops once training.distributed_timeout_minutes has passed, with the same clear line."""
     sets = settings(data, tmp_path / "two", 200, "training.distributed_timeout_minutes=0.25")
-    node1, node0 = start_on_two_nodes(multi_node_sh(tmp_path, sets), 1)
-    deadline = time.monotonic() + TIMEOUT
-    while not (tmp_path / "two" / "checkpoints" / "iter_0000002").is_dir():
-        assert time.monotonic() < deadline and node0.poll() is None, "the run did not reach step 2"
-        time.sleep(0.2)
-    frozen_pids = two_nodes("pids", "1").stdout.split()
-    subprocess.run(["kill", "-STOP", *frozen_pids], check=True)
-    frozen = time.monotonic()
+    node1, node0, frozen_pids, frozen = signal_node_1_at_checkpoint(tmp_path, sets, 2, "STOP")
     try:
         log = node0.communicate(timeout=TIMEOUT)[0]
         stopped_after = time.monotonic() - frozen
