@@ -48,9 +48,9 @@ def _train(args: argparse.Namespace) -> int:
         return 2
 
     # Heavy imports: the config is good.
-    from megatron_memorizing.data import DataError
     import torch.distributed
 
+    from megatron_memorizing.data import DataError
     from megatron_memorizing.parallel import destroy_distributed, lost_contact
     from megatron_memorizing.training.checkpoint import CheckpointError
     from megatron_memorizing.training.trainer import NonFiniteLossError, Trainer
