@@ -81,7 +81,10 @@ def _train(args: argparse.Namespace) -> int:
             f"({latest or 'none yet: it starts over'}).",
             file=sys.stderr,
         )
-        return 3
+        # Nothing is left to do with the other ranks gone, and any cleanup would talk to them
+        # (flushing a gradient reduction, tearing down groups): fail again or wait for them.
+        sys.stderr.flush()
+        os._exit(3)
     finally:
         trainer.close()
     if trainer.logger.is_writer:
