@@ -35,7 +35,6 @@ from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_megatron
 # What a tokenizer directory may hold; tokenizer.json (fast) or tokenizer.model (SentencePiece) is needed.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
-_MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
 
 
 class HFImportError(RuntimeError):
@@ -107,6 +106,8 @@ def read_weights(directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 def megatron_weights(hf_weights: dict, config: MemorizingConfig, expected: dict) -> dict:
     """`hf_weights` under Megatron's names, checked against the model's `expected` state dict:
     every tensor there and of its shape, except the memory parameters the import adds."""
+    from megatron_memorizing.training.checkpoint import MEMORY_PARAMETERS
+
     if config.share_embeddings_and_output_weights:
         hf_weights = {k: v for k, v in hf_weights.items() if k != "lm_head.weight"}
     layout = Layout(config.num_layers, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
@@ -115,7 +116,7 @@ def megatron_weights(hf_weights: dict, config: MemorizingConfig, expected: dict)
         weights = to_megatron(hf_weights, layout)
     except WeightsMismatch as error:
         raise HFImportError(f"the weights do not fit config.json's architecture: {error}") from None
-    missing = sorted(k for k in set(expected) - set(weights) if not k.endswith(_MEMORY_PARAMETERS))
+    missing = sorted(k for k in set(expected) - set(weights) if not k.endswith(MEMORY_PARAMETERS))
     unexpected = sorted(set(weights) - set(expected))
     wrong = [f"{k} {tuple(weights[k].shape)} (expected {tuple(expected[k].shape)})"
              for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape]
