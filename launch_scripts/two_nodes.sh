@@ -31,7 +31,7 @@ node_index() {
 case ${1:-} in
     up)
         for n in 0 1; do
-            if ip netns list | grep -qw "$(namespace $n)"; then
+            if [[ -e /run/netns/$(namespace $n) ]]; then
                 echo "error: network namespace $(namespace $n) exists already: '$0 down' removes it if this script made it, or set TWO_NODES_PREFIX" >&2
                 exit 1
             fi
@@ -68,7 +68,7 @@ case ${1:-} in
                 ip netns del "$(namespace $n)" 2>/dev/null || true  # its veth end goes with it
                 rm -rf "/etc/netns/$(namespace $n)"
                 rm -f "$marks/$(namespace $n)"
-            elif ip netns list | grep -qw "$(namespace $n)"; then
+            elif [[ -e /run/netns/$(namespace $n) ]]; then
                 echo "warning: $(namespace $n) was not made by $0: left alone" >&2
             fi
         done

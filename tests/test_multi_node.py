@@ -180,7 +180,9 @@ def test_slurm_script_runs_across_the_nodes(nodes, data, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(SRUN)
-    (bin_dir / "scontrol").write_text(f"#!/usr/bin/env bash\necho {PREFIX}0\necho {PREFIX}1\n")
+    # Like a real scontrol on a long node list, it is still writing after the first line: a reader
+    # that stops early (`| head -n 1`) would fail the job with SIGPIPE under pipefail.
+    (bin_dir / "scontrol").write_text(f"#!/usr/bin/env bash\necho {PREFIX}0\nsleep 0.2\necho {PREFIX}1\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {**environment_without_launcher(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": sys.prefix,
