@@ -60,6 +60,9 @@ class RecallSpec:
     # Queries reach at most this many statements back (0: to the document's start). A small
     # value makes a warm-up task that local attention alone can solve.
     max_back: int = 0
+    # Queries reach at least this many statements back (0: any distance). With a few keys and
+    # long documents, an evaluation set of far queries only (longer than any seen in training).
+    min_back: int = 0
     # How a definition is written: "statements": `put v05 k317`; "echo": `put v05 k317 v05`, whose
     # last token, predictable from the one before the key, rewards a previous-token feature early
     # in training; "facts": one token `k317=v05` (num_keys * num_values more words).
@@ -102,8 +105,8 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
 
     Statement i is a query with probability i / statements (definitions early, queries late), and
     it asks for the open key (defined, not yet queried) defined nearest to a time a log-uniform
-    distance back: every scale of distance, from the previous statement to the document's start
-    (or to max_back statements), gets about the same share of queries. With no key open within
+    distance back: every scale of distance, from the previous statement (or min_back statements)
+    to the document's start (or max_back statements), gets about the same share of queries. With no key open within
     reach, the statement is a definition, or `pass` once every key is defined."""
     keys, values = spec.keys, spec.values
     unused = list(rng.permutation(len(keys)))
@@ -113,9 +116,9 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
     count = int(rng.integers(spec.statements // 2, spec.statements * 3 // 2 + 1))
     for index in range(count):
         reach = min(index, spec.max_back) if spec.max_back else index
-        candidates = [k for k, defined in open_keys.items() if defined >= index - reach]
+        candidates = [k for k, defined in open_keys.items() if index - reach <= defined <= index - spec.min_back]
         if candidates and rng.random() < index / count:
-            when = index - math.exp(rng.uniform(0, math.log(reach + 1)))
+            when = index - math.exp(rng.uniform(math.log(spec.min_back + 1), math.log(reach + 1)))
             key = min(candidates, key=lambda k: abs(open_keys[k] - when))
             del open_keys[key]
             statements.append((QUERY, keys[key], values[answer[key]]))
@@ -197,6 +200,9 @@ def main(argv=None) -> int:
                         help=f"statements per document (default {defaults.statements})")
     parser.add_argument("--max-back", type=int, default=0,
                         help="queries reach at most this many statements back (default 0: the whole document)")
+    parser.add_argument("--min-back", type=int, default=0,
+                        help="queries reach at least this many statements back (default 0): far queries only, "
+                             "for evaluating on documents longer than in training")
     parser.add_argument("--format", choices=FORMATS, default=defaults.format,
                         help="how definitions are written: statements `put v05 k317` (default), echo "
                              "`put v05 k317 v05`, facts `k317=v05` (one token)")
@@ -206,7 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing datasets in OUT")
     args = parser.parse_args(argv)
-    spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back, args.format)
+    spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back, args.min_back, args.format)
     documents = {"train": args.train_documents, "validation": args.validation_documents, "test": args.test_documents}
     build(args.out, spec, documents, args.seed, args.force)
     tokenizer = SentencePieceTokenizer(args.out / SENTENCEPIECE_FILE)

@@ -62,6 +62,17 @@ def test_answers_are_defined_earlier_and_many_lie_far_beyond_a_segment():
     assert distances.max() >= 24 * segment
 
 
+def test_an_evaluation_set_of_far_queries_only():
+    """min_back: every answer lies at least that many statements (so tokens) back, and the
+    documents still ask about every key they define."""
+    spec = RecallSpec(num_keys=16, num_values=8, statements=600, format="echo", min_back=256)
+    rng = np.random.default_rng(0)
+    documents = [generate_document(spec, rng) for _ in range(20)]
+    distances = [d for statements in documents for d in query_distances(spec, statements)]
+    assert min(distances) >= 256 and max(distances) > 300
+    assert len(distances) == 20 * spec.num_keys
+
+
 @pytest.mark.parametrize("spec", [SMALL, FACTS], ids=["statements", "facts"])
 def test_the_pipeline_keeps_one_token_per_word_and_the_distances(tmp_path, spec):
     build(tmp_path, spec, {"validation": 3})
