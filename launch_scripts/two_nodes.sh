@@ -7,6 +7,7 @@
 #
 #   launch_scripts/two_nodes.sh up                 # create them (refuses if the names are taken)
 #   launch_scripts/two_nodes.sh run 0 COMMAND...   # run COMMAND on node 0 (node 1: run 1 ...)
+#   launch_scripts/two_nodes.sh name 1             # print node 1's host name (also its namespace's)
 #   launch_scripts/two_nodes.sh address 1          # print node 1's address
 #   launch_scripts/two_nodes.sh pids 1             # the processes running on node 1 (to kill a node)
 #   launch_scripts/two_nodes.sh down               # remove them (only namespaces this script made)
@@ -58,6 +59,7 @@ case ${1:-} in
         # A host name of its own (a UTS namespace), as a real node has.
         exec ip netns exec "$(namespace $n)" unshare --uts sh -c 'hostname "$0" && exec "$@"' "$(namespace $n)" "$@"
         ;;
+    name)      node_index "${2:-}"; namespace "$2" ;;
     address)   node_index "${2:-}"; address "$2" ;;
     pids)      node_index "${2:-}"; ip netns pids "$(namespace "$2")" ;;
     interface) node_index "${2:-}"; interface "$2" ;;
@@ -73,5 +75,5 @@ case ${1:-} in
             fi
         done
         ;;
-    *) echo "usage: $0 up | run NODE COMMAND... | address NODE | interface NODE | pids NODE | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up | run NODE COMMAND... | name NODE | address NODE | interface NODE | pids NODE | down" >&2; exit 2 ;;
 esac

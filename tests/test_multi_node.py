@@ -43,6 +43,18 @@ def nodes():
 
 
 @pytest.fixture(scope="module")
+def ssh(nodes):
+    """Passwordless ssh between the nodes (launch_scripts/two_nodes_ssh.sh), as the deepspeed
+    launcher's default mode expects on a cluster."""
+    env = {**os.environ, "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
+    made = subprocess.run(["bash", str(REPO / "launch_scripts" / "two_nodes_ssh.sh"), "up"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    if made.returncode == 2 and "not installed" in made.stderr:
+        pytest.skip(made.stderr.strip())
+    assert made.returncode == 0, made.stderr
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return build_small_data(tmp_path_factory.mktemp("multi_node_data"))
 
@@ -147,6 +159,25 @@ def test_two_nodes_train_as_one_node_does(nodes, data, tmp_path, layout):
     saved = memory_bytes(tmp_path / "two" / "checkpoints" / "iter_0000004")
     expected = {rank: 0 if "PP=2" in layout and rank == 0 else share for rank in saved}
     assert saved == expected
+
+
+def test_the_deepspeed_launcher_starts_both_nodes_over_ssh(ssh, data, tmp_path):
+    """multi_node.sh in its default mode, started on node 0 only: deepspeed logs into both nodes
+    named in the hostfile with pdsh and ssh, and the job trains as on one node. Variables for every
+    rank go through DeepSpeed's environment file, as on a cluster."""
+    sets = settings(data, tmp_path / "two", 4)
+    one_node(settings(data, tmp_path / "one", 4), 2)
+    (tmp_path / "hostfile").write_text(f"{PREFIX}0 slots=1\n{PREFIX}1 slots=1\n")
+    (tmp_path / "deepspeed_env").write_text("OMP_NUM_THREADS=1\n")
+    env = {**environment_without_launcher(), "VENV": sys.prefix, "HOSTFILE": str(tmp_path / "hostfile"),
+           "DS_ENV_FILE": str(tmp_path / "deepspeed_env"), "MASTER_PORT": "29614",
+           "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
+    job = subprocess.run(["bash", str(TWO_NODES), "run", "0", "launch_scripts/multi_node.sh", "configs/tiny-cpu.yaml", *sets],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
+    assert f"cmd = pdsh -S -f 1024 -w {PREFIX}0,{PREFIX}1" in log
+    assert losses(tmp_path / "two") == losses(tmp_path / "one")
 
 
 def test_two_node_checkpoints_resume_on_two_nodes(nodes, data, tmp_path):
