@@ -13,6 +13,9 @@ from .indexed import check_indexed_files
 from .tokenizer import HF_FILE, SENTENCEPIECE_FILE, file_sha256, load_tokenizer
 
 FORMAT = "megatron-memorizing-dataset/1"
+# What a checkpoint keeps of an imported model's Hugging Face origin (see hf/importer.py): its own
+# tokenizer and its config.json.
+IMPORTED_TOKENIZER_DIR, IMPORTED_CONFIG_FILE = "hf_tokenizer", "hf_config.json"
 
 
 @dataclass
@@ -93,7 +96,7 @@ def checkpoint_tokenizers(checkpoint_dir) -> list[Path]:
     in both formats."""
     directory = Path(checkpoint_dir)
     candidates = [directory / name for name in (SENTENCEPIECE_FILE, HF_FILE)]
-    candidates += [directory / "hf_tokenizer" / name for name in (HF_FILE, SENTENCEPIECE_FILE)]
+    candidates += [directory / IMPORTED_TOKENIZER_DIR / name for name in (HF_FILE, SENTENCEPIECE_FILE)]
     return [path for path in candidates if path.is_file()]
 
 

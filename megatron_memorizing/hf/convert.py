@@ -32,7 +32,7 @@ import yaml
 
 from megatron_memorizing.config import ConfigError, MemorizingConfig
 from megatron_memorizing.data import trained_tokenizer
-from megatron_memorizing.data.manifest import checkpoint_tokenizers
+from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR, checkpoint_tokenizers
 from megatron_memorizing.data.tokenizer import file_sha256, load_tokenizer
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
@@ -129,7 +129,7 @@ def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
             f"--tokenizer {tokenizer} is not the one the model was trained with ({trained_with[0]}, sha256 differs): "
             f"leave --tokenizer out, or pass {trained_with[0]}."
         )
-    hf_tokenizer = directory / "hf_tokenizer" if (directory / "hf_tokenizer").is_dir() else None
+    hf_tokenizer = directory / IMPORTED_TOKENIZER_DIR if (directory / IMPORTED_TOKENIZER_DIR).is_dir() else None
     return Checkpoint(directory, config, tokenizer, hf_tokenizer)
 
 
@@ -327,7 +327,7 @@ def standard_model(source: Checkpoint, class_name: str):
             # import of this export then checks datasets against.
             shutil.copy(source.tokenizer, Path(directory) / "tokenizer.model")
     fields = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id") for kind in ("bos", "eos", "pad")}
-    origin = source.iteration_dir / "hf_config.json"  # an imported model's: its pretrained context
+    origin = source.iteration_dir / IMPORTED_CONFIG_FILE  # an imported model's: its pretrained context
     positions = json.loads(origin.read_text()).get("max_position_embeddings") if origin.is_file() else None
     fields["max_position_embeddings"] = max(positions or 0, source.config.segment_length)
     config = standard_config(source.config, class_name, fields)

@@ -134,6 +134,7 @@ def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None 
     its iteration directory. `overrides` are model fields (memory, segment, layout)."""
     from megatron.core import parallel_state
 
+    from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR
     from megatron_memorizing.model import build_model_chunk
     from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
     from megatron_memorizing.training.checkpoint import Checkpointer
@@ -165,7 +166,7 @@ def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None 
         weights = megatron_weights(read_weights(hf_dir, torch.bfloat16 if config.bf16 else torch.float32), config, expected)
         model.load_state_dict(weights, strict=False)
         run = RunConfig(model=config, checkpoint=CheckpointConfig(dir=None, init_from=str(output.resolve())))
-        copied = {f"hf_tokenizer/{name}": path for name, path in files.items()} | {"hf_config.json": hf_dir / "config.json"}
+        copied = {f"{IMPORTED_TOKENIZER_DIR}/{name}": path for name, path in files.items()} | {IMPORTED_CONFIG_FILE: hf_dir / "config.json"}
         if "tokenizer.model" in files:
             copied["tokenizer.model"] = files["tokenizer.model"]
         return Checkpointer(CheckpointConfig(dir=str(output))).write_weights_only(

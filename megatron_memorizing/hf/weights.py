@@ -11,6 +11,7 @@ in the remote-code model only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -63,21 +64,10 @@ def to_hf(megatron: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.
     for mine, theirs in _renamings(layout):
         if mine in source:
             out[theirs] = source.pop(mine)
-    h, g, d = layout.heads, layout.groups, layout.head_dim
-    for i in range(layout.num_layers):
-        mine, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for kind in ("weight", "bias"):
-            qkv = source.pop(f"{mine}self_attention.linear_qkv.{kind}", None)
-            if qkv is not None:
-                per_group = qkv.view(g, h // g + 2, d, *qkv.shape[1:])
-                out[f"{theirs}self_attn.q_proj.{kind}"] = per_group[:, :-2].reshape(h * d, *qkv.shape[1:])
-                out[f"{theirs}self_attn.k_proj.{kind}"] = per_group[:, -2].reshape(g * d, *qkv.shape[1:])
-                out[f"{theirs}self_attn.v_proj.{kind}"] = per_group[:, -1].reshape(g * d, *qkv.shape[1:])
-            fc1 = source.pop(f"{mine}mlp.linear_fc1.{kind}", None)
-            if fc1 is not None and layout.gated_linear_unit:
-                out[f"{theirs}mlp.gate_proj.{kind}"], out[f"{theirs}mlp.up_proj.{kind}"] = fc1.chunk(2, dim=0)
-            elif fc1 is not None:
-                out[f"{theirs}mlp.up_proj.{kind}"] = fc1
+    for fused in _fused_tensors(layout):
+        whole = source.pop(fused.megatron, None)
+        if whole is not None:
+            out.update(zip(fused.parts, fused.split(whole)))
     _refuse_leftovers(source)
     return {name: t.contiguous() for name, t in out.items()}
 
@@ -88,28 +78,50 @@ def to_megatron(hf: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.
     for mine, theirs in _renamings(layout):
         if theirs in source:
             out[mine] = source.pop(theirs)
+    for fused in _fused_tensors(layout):
+        parts = [source.pop(name, None) for name in fused.parts]
+        if all(part is not None for part in parts):
+            out[fused.megatron] = fused.join(parts)
+        elif any(part is not None for part in parts):
+            missing = [name for name, part in zip(fused.parts, parts) if part is None]
+            raise WeightsMismatch(f"{fused.megatron} is made of {', '.join(fused.parts)}; missing: {', '.join(missing)}")
+    _refuse_leftovers(source)
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+@dataclass(frozen=True)
+class _Fused:
+    """One Megatron tensor made of several Hugging Face ones, and the two ways between them."""
+
+    megatron: str
+    parts: tuple[str, ...]
+    split: Callable[[torch.Tensor], Sequence[torch.Tensor]]
+    join: Callable[[Sequence[torch.Tensor]], torch.Tensor]
+
+
+def _fused_tensors(layout: Layout):
     h, g, d = layout.heads, layout.groups, layout.head_dim
+
+    def split_qkv(qkv):
+        per_group = qkv.view(g, h // g + 2, d, *qkv.shape[1:])
+        return [part.reshape(-1, *qkv.shape[1:]) for part in (per_group[:, :-2], per_group[:, -2], per_group[:, -1])]
+
+    def join_qkv(parts):
+        q, k, v = parts
+        rest = q.shape[1:]
+        per_group = torch.cat([q.view(g, h // g, d, *rest), k.view(g, 1, d, *rest), v.view(g, 1, d, *rest)], dim=1)
+        return per_group.reshape((h + 2 * g) * d, *rest)
+
     for i in range(layout.num_layers):
         mine, theirs = f"decoder.layers.{i}.", f"model.layers.{i}."
         for kind in ("weight", "bias"):
-            q, k, v = (source.pop(f"{theirs}self_attn.{p}_proj.{kind}", None) for p in "qkv")
-            if q is not None and k is not None and v is not None:
-                rest = q.shape[1:]
-                per_group = torch.cat(
-                    [q.view(g, h // g, d, *rest), k.view(g, 1, d, *rest), v.view(g, 1, d, *rest)], dim=1
-                )
-                out[f"{mine}self_attention.linear_qkv.{kind}"] = per_group.reshape((h + 2 * g) * d, *rest)
-            elif q is not None or k is not None or v is not None:
-                raise WeightsMismatch(f"layer {i} has some of q_proj, k_proj, v_proj.{kind} but not all three.")
-            gate, up = (source.pop(f"{theirs}mlp.{p}_proj.{kind}", None) for p in ("gate", "up"))
-            if layout.gated_linear_unit and gate is not None and up is not None:
-                out[f"{mine}mlp.linear_fc1.{kind}"] = torch.cat([gate, up], dim=0)
-            elif not layout.gated_linear_unit and gate is None and up is not None:
-                out[f"{mine}mlp.linear_fc1.{kind}"] = up
-            elif gate is not None or up is not None:
-                raise WeightsMismatch(f"layer {i}: mlp gate_proj/up_proj.{kind} do not fit gated_linear_unit={layout.gated_linear_unit}.")
-    _refuse_leftovers(source)
-    return {name: t.contiguous() for name, t in out.items()}
+            attention = tuple(f"{theirs}self_attn.{p}_proj.{kind}" for p in "qkv")
+            yield _Fused(f"{mine}self_attention.linear_qkv.{kind}", attention, split_qkv, join_qkv)
+            if layout.gated_linear_unit:
+                mlp = (f"{theirs}mlp.gate_proj.{kind}", f"{theirs}mlp.up_proj.{kind}")
+                yield _Fused(f"{mine}mlp.linear_fc1.{kind}", mlp, lambda t: t.chunk(2, dim=0), torch.cat)
+            else:
+                yield _Fused(f"{mine}mlp.linear_fc1.{kind}", (f"{theirs}mlp.up_proj.{kind}",), lambda t: [t], lambda parts: parts[0])
 
 
 def _renamings(layout: Layout):

@@ -55,7 +55,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, load_tokenizer, read_manifest
-from megatron_memorizing.data.manifest import checkpoint_tokenizers
+from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR, checkpoint_tokenizers
 from megatron_memorizing.data.tokenizer import file_sha256
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
@@ -70,8 +70,8 @@ LOCK = ".lock"  # held by the run writing into the folder
 _DISK_FULL = 64 * 2**20  # bytes free below which a failed save is put down to a full disk
 _ITERATION = re.compile(r"iter_(\d{7,})")
 _TMP = ".tmp"
-# What an imported model's checkpoint keeps of its Hugging Face origin (see hf/importer.py).
-IMPORTED_FILES = ("hf_tokenizer", "hf_config.json")
+# Carried from an imported model's checkpoint into every checkpoint trained from it.
+IMPORTED_FILES = (IMPORTED_TOKENIZER_DIR, IMPORTED_CONFIG_FILE)
 # Parameters of the memory itself: the only ones a model may have that its checkpoint lacks.
 MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
 # Model fields that shape the parameters, the memory contents or the per-slot state; a resumed
