@@ -26,7 +26,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_memorizing.memory import KNNMemory
-from megatron_memorizing.segment_attention import SegmentAttention, as_memory_layout, state_device
+from megatron_memorizing.segment_attention import SegmentAttention, state_device
 
 
 class KNNAttention(SegmentAttention):
@@ -147,3 +147,8 @@ class KNNAttention(SegmentAttention):
             )
         )
         return sharded
+
+
+def as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """[s, b, h, d] activations -> detached [b, h, s, d] memory entries (memory is not differentiable)."""
+    return tuple(t.detach().permute(1, 2, 0, 3) for t in tensors)

@@ -27,6 +27,7 @@ from megatron.core.utils import divide
 
 from megatron_memorizing.memory import KNNMemory
 from megatron_memorizing.positions import RotaryPositions
+from megatron_memorizing.segment_cache import SegmentCache
 
 
 def state_device() -> torch.device:
@@ -79,14 +80,16 @@ class SegmentAttention(MegatronModule):
         self.rotary = RotaryPositions(config, **rotary) if rotary is not None else None
         # Which memory slots the current micro-batch streams; set by ModelMemories.
         self.slots = slice(0, num_slots)
-        # The previous segment's un-rotated keys and values, per slot (a memory as long as a segment).
+        # The previous segment's un-rotated keys and values, per slot.
+        per_position = (self.groups_per_partition, self.head_dim)
         self.xl_cache = (
-            KNNMemory(num_slots, self.groups_per_partition, segment_length, self.head_dim, device=state_device())
+            SegmentCache(num_slots, segment_length, {"keys": per_position, "values": per_position},
+                         dtype=torch.float32, device=state_device())
             if xl_cache
             else None
         )
 
-    def stateful_memories(self) -> dict[str, KNNMemory]:
+    def stateful_memories(self) -> dict[str, KNNMemory | SegmentCache]:
         """Per-slot state this layer keeps across steps, by name (checkpointed by the trainer)."""
         return {"xl_cache": self.xl_cache} if self.xl_cache is not None else {}
 
@@ -115,22 +118,22 @@ class SegmentAttention(MegatronModule):
             return self.local_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
         self._check_batch(query)
         s = query.shape[0]
-        cache_keys, cache_values, cache_valid = self.xl_cache.contents(self.slots)  # [b, g, L, d], [b, L]
-        cached_len = cache_keys.shape[2]
+        cached, filled = self.xl_cache.contents(self.slots)  # [b, L, g, d] each, [b]
+        length = self.xl_cache.length
         # Stored un-rotated: rotate them to positions -L..-1, just before the current segment.
-        cache_keys = cache_keys.permute(2, 0, 1, 3).to(key.dtype)
+        cache_keys = cached["keys"].transpose(0, 1).to(key.dtype)
         if self.rotary is not None:
-            cache_keys = self.rotary.rotate(cache_keys, offset=-cached_len)
-        cache_values = cache_values.permute(2, 0, 1, 3).to(value.dtype)
+            cache_keys = self.rotary.rotate(cache_keys, offset=-length)
+        cache_values = cached["values"].transpose(0, 1).to(value.dtype)
         output = self.local_attention(
             query,
             torch.cat([cache_keys, key]),
             torch.cat([cache_values, value]),
-            cache_then_causal_mask(cache_valid, s),
+            cache_then_causal_mask(filled, length, s),
             attn_mask_type=AttnMaskType.arbitrary,
             **kwargs,
         )
-        self.xl_cache.stage(self.slots, *as_memory_layout(self.unrotated(key), value))
+        self.xl_cache.stage(self.slots, keys=self.unrotated(key).transpose(0, 1), values=value.transpose(0, 1))
         return output
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
@@ -144,15 +147,11 @@ class SegmentAttention(MegatronModule):
         )
 
 
-def as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """[s, b, h, d] activations -> detached [b, h, s, d] memory entries (memory is not differentiable)."""
-    return tuple(t.detach().permute(1, 2, 0, 3) for t in tensors)
-
-
-def cache_then_causal_mask(cache_valid: torch.Tensor, length: int) -> torch.Tensor:
-    """The attention mask [b, 1, s, L+s] (True = masked) of s queries over an XL cache of L
-    positions, then their own segment: a cached position where the slot's cache holds one
-    (`cache_valid` [b, L]), their own segment causally."""
-    causal = torch.ones(length, length, dtype=torch.bool, device=cache_valid.device).triu(1)
-    b = cache_valid.shape[0]
-    return torch.cat([(~cache_valid)[:, None, None, :].expand(-1, 1, length, -1), causal.expand(b, 1, length, length)], dim=-1)
+def cache_then_causal_mask(filled: torch.Tensor, cached: int, length: int) -> torch.Tensor:
+    """The attention mask [b, 1, s, L+s] (True = masked) of s = `length` queries over an XL cache
+    of L = `cached` positions, then their own segment: the cached segment where the slot has one
+    (`filled` [b]), their own segment causally."""
+    b = filled.shape[0]
+    cache = (~filled)[:, None, None, None].expand(b, 1, length, cached)
+    causal = torch.ones(length, length, dtype=torch.bool, device=filled.device).triu(1)
+    return torch.cat([cache, causal.expand(b, 1, length, length)], dim=-1)

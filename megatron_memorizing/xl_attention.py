@@ -34,7 +34,7 @@ class XLSelfAttention(SelfAttention):
         # Under sequence parallelism each rank holds (and caches) its part of the sequence; the
         # projection gathers the parts of the cached segment as it does the current one's.
         self.sequence_shards = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        self.cache = SegmentCache(num_slots, divide(segment_length, self.sequence_shards), self.config.hidden_size,
+        self.cache = SegmentCache(num_slots, divide(segment_length, self.sequence_shards), {"inputs": (self.config.hidden_size,)},
                                   dtype=self.config.params_dtype, device=state_device())
         self.slots = slice(0, num_slots)  # which slots the current micro-batch streams; set by ModelMemories
         self._cached_inputs: Optional[torch.Tensor] = None  # [L, b, hidden] during forward only
@@ -46,7 +46,8 @@ class XLSelfAttention(SelfAttention):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
         if kwargs.get("inference_context") is not None or kwargs.get("packed_seq_params") is not None:
             raise NotImplementedError("the XL cache streams whole segments: no inference context or packed sequences")
-        cached, filled = self.cache.contents(self.slots)  # [b, L, hidden], [b]
+        cached, filled = self.cache.contents(self.slots)
+        cached = cached["inputs"]  # [b, L, hidden]; filled: [b]
         if cached.shape[0] != hidden_states.shape[1]:
             raise RuntimeError(
                 f"layer {self.layer_number}: the micro-batch has {hidden_states.shape[1]} sequences but "
@@ -57,8 +58,8 @@ class XLSelfAttention(SelfAttention):
             query_freqs = kwargs["rotary_pos_emb"]
             query_freqs = query_freqs[0] if isinstance(query_freqs, tuple) else query_freqs
             kwargs["rotary_pos_emb"] = (query_freqs, self.rotary.freqs(length + s, -length, query_freqs.device))
-        mask = cache_then_causal_mask(filled[:, None].expand(-1, length).to(hidden_states.device), s)
-        self.cache.stage(self.slots, hidden_states.detach().transpose(0, 1))
+        mask = cache_then_causal_mask(filled.to(hidden_states.device), length, s)
+        self.cache.stage(self.slots, inputs=hidden_states.transpose(0, 1))
         self._cached_inputs = cached.transpose(0, 1).to(hidden_states.dtype)
         try:
             return super().forward(hidden_states, mask, **kwargs)

@@ -1,4 +1,5 @@
-"""The XL cache of layer inputs: one previous segment per slot, written only at commit, emptied per document."""
+"""The XL cache: one previous segment per slot (named tensors per position), written only at commit,
+emptied per document."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from megatron_memorizing.segment_cache import SegmentCache
 
 
 def cache(slots=4, length=3, width=2):
-    return SegmentCache(slots, length, width, dtype=torch.float32, device=torch.device("cpu"))
+    return SegmentCache(slots, length, {"inputs": (width,)}, dtype=torch.float32, device=torch.device("cpu"))
 
 
 def segment(value, slots=2, length=3, width=2):
@@ -16,20 +17,20 @@ def segment(value, slots=2, length=3, width=2):
 
 def test_a_staged_segment_is_read_only_after_commit_and_a_rerun_replaces_it():
     c = cache()
-    c.stage(slice(0, 2), segment(1))
-    inputs, filled = c.contents(slice(0, 2))
-    assert not filled.any() and inputs.abs().sum() == 0  # forward of this step still sees the old state
-    c.stage(slice(0, 2), segment(2))  # the same micro-batch again (activation recompute)
-    c.stage(slice(2, 4), segment(3))
+    c.stage(slice(0, 2), inputs=segment(1))
+    cached, filled = c.contents(slice(0, 2))
+    assert not filled.any() and cached["inputs"].abs().sum() == 0  # forward of this step still sees the old state
+    c.stage(slice(0, 2), inputs=segment(2))  # the same micro-batch again (activation recompute)
+    c.stage(slice(2, 4), inputs=segment(3))
     c.commit()
-    inputs, filled = c.contents(slice(0, 4))
-    assert filled.all() and inputs[:2].eq(2).all() and inputs[2:].eq(3).all()
+    cached, filled = c.contents(slice(0, 4))
+    assert filled.all() and cached["inputs"][:2].eq(2).all() and cached["inputs"][2:].eq(3).all()
     assert c.fill.tolist() == [3, 3, 3, 3]
 
 
 def test_a_new_document_forgets_only_its_slot():
     c = cache()
-    c.stage(slice(0, 4), segment(1, slots=4))
+    c.stage(slice(0, 4), inputs=segment(1, slots=4))
     c.commit()
     c.reset(torch.tensor([False, True, False, False]))
     assert c.contents(slice(0, 4))[1].tolist() == [True, False, True, True]
@@ -37,12 +38,17 @@ def test_a_new_document_forgets_only_its_slot():
 
 def test_state_round_trips_and_another_layout_is_refused():
     c = cache()
-    c.stage(slice(0, 4), torch.randn(4, 3, 2))
+    c.stage(slice(0, 4), inputs=torch.randn(4, 3, 2))
     c.commit()
     restored = cache()
     restored.load_state_dict(c.state_dict())
-    assert torch.equal(restored.inputs, c.inputs) and torch.equal(restored.filled, c.filled)
+    assert torch.equal(restored.segments["inputs"], c.segments["inputs"]) and torch.equal(restored.filled, c.filled)
     with pytest.raises(ValueError, match="resume with the saved layout"):
         cache(slots=2).load_state_dict(c.state_dict())
+    keys_values = SegmentCache(4, 3, {"keys": (1, 2), "values": (1, 2)}, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="resume with the saved layout and XL cache settings"):
+        keys_values.load_state_dict(c.state_dict())
     with pytest.raises(ValueError, match="whole segments of length 3"):
-        c.stage(slice(0, 2), torch.zeros(2, 5, 2))
+        c.stage(slice(0, 2), inputs=torch.zeros(2, 5, 2))
+    with pytest.raises(ValueError, match="does not fit this cache of"):
+        keys_values.stage(slice(0, 2), keys=torch.zeros(2, 3, 1, 2))
