@@ -2,9 +2,10 @@
 # CI: the Debian packages the two-node tests use, installed when missing (CI runs as root on a
 # fresh Debian 12). Without them those tests are skipped, saying why; with them they run for real:
 #   slurmctld slurmd slurm-client munge   a SLURM cluster on the two nodes (tests/test_slurm_cluster.py)
+#   openssh-server openssh-client pdsh    the deepspeed launcher logging into both nodes (tests/test_multi_node.py)
 # One list: add a package to PACKAGES, with its reason above.
 set -euo pipefail
-PACKAGES=(slurmctld slurmd slurm-client munge)
+PACKAGES=(slurmctld slurmd slurm-client munge openssh-server openssh-client pdsh)
 
 missing=()
 for package in "${PACKAGES[@]}"; do
