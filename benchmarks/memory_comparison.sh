@@ -34,6 +34,7 @@ for variant in "$@"; do
         nomemory)            args=(--set "model.memory_layers=[]") ;;
         memory1536)          args=(--set model.memory_size=1536) ;;
         memory8192)          args=(--set model.memory_size=8192) ;;
+        memory1536-softmax)  args=(--set model.memory_size=1536 --set model.memory_mixing=softmax) ;;
         xl-inputs)           args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
         memory1536-xl-inputs) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
         xl-keys-values)      args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;

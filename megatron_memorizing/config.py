@@ -116,6 +116,11 @@ class MemorizingConfig:
     memory_search_chunk: int = 8192  # memory entries scored at once: bounds the score matrix
     memory_backend: str = "torch"  # "torch" or "faiss" (exact brute force either way)
     gate_init: float = 0.0  # b_g; g = sigmoid(b_g) weighs memory against local attention
+    # How memory and local attention mix: "gate", the paper's g = sigmoid(b_g), one per head; or
+    # "softmax", the retrieved pairs join local attention's softmax (as in the Focused Transformer):
+    # g = sigmoid(b_g + logsumexp of the memory logits - logsumexp of the local ones), per query,
+    # so a query whose retrieval matches nothing well keeps its local attention.
+    memory_mixing: str = "gate"
     xl_cache: bool = False  # Transformer-XL: every layer also attends to the previous segment
     # What the XL cache keeps of it: "inputs" (the layer's input hidden states, projected afresh
     # every step with the current weights, as in Transformer-XL) or "keys_values" (as projected
@@ -254,6 +259,10 @@ class MemorizingConfig:
             fail(f"transformer_overrides sets {first_class}, which are model fields: set them as model.<field>.")
         if self.xl_cache_contents not in ("keys_values", "inputs"):
             fail(f"xl_cache_contents={self.xl_cache_contents!r}: use 'keys_values' or 'inputs'.")
+        if self.memory_mixing not in ("gate", "softmax"):
+            fail(f"memory_mixing={self.memory_mixing!r}: use 'gate' or 'softmax'.")
+        if self.memory_mixing == "softmax" and self.xl_cache and self.xl_cache_contents == "keys_values":
+            fail("memory_mixing='softmax' needs the XL cache of inputs (xl_cache_contents: inputs) or no XL cache.")
         if self.recompute not in ("none", "selective", "full"):
             fail(f"recompute={self.recompute!r}: use 'none', 'selective' or 'full'.")
         if self.micro_batch_size < 1 or self.num_micro_batches < 1:

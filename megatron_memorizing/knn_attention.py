@@ -4,7 +4,9 @@ Per head, every query of the segment attends twice:
 - locally, with ordinary causal attention (SegmentAttention: stock Megatron, plus the XL cache);
 - to the top-k (key, value) pairs retrieved from an external memory of the same document's past,
   softmax over the k; keys and queries are L2-normalised and carry no position.
-A learned per-head gate mixes the two: g = sigmoid(b_g), out = mem * g + local * (1 - g).
+A learned per-head gate mixes the two: g = sigmoid(b_g), out = mem * g + local * (1 - g). With
+memory_mixing='softmax' the gate is per query instead, g = sigmoid(b_g + LSE_mem - LSE_local) from
+the logsumexp of each attention's logits: exactly one softmax over retrieved and local keys (b_g = 0).
 
 The memory is not differentiable: retrieval picks pairs without gradient, and the query attends
 to them with gradient (so the layer learns what to look up), but nothing flows into the memory.
@@ -36,6 +38,7 @@ class KNNAttention(SegmentAttention):
         memory_size: int,
         top_k: int,
         gate_init: float = 0.0,
+        mixing: str = "gate",
         memory_dtype: torch.dtype = torch.float32,
         search_chunk_size: int = 8192,
         backend: str = "torch",
@@ -57,6 +60,7 @@ class KNNAttention(SegmentAttention):
         # b_g = gate_init for every head; the memory softmax starts at the usual 1/sqrt(d)
         # temperature of unit-norm vectors scaled to norm sqrt(d), i.e. a logit scale of sqrt(d).
         self.gate_bias = self._per_head_parameter(gate_init)
+        self.mixing = mixing  # "gate" or "softmax" (MemorizingConfig.memory_mixing)
         self.memory_log_scale = self._per_head_parameter(0.5 * math.log(self.head_dim))
         self.use_memory = True  # False: local attention only, neither reading nor writing memory
         self.record_retrieval = False
@@ -84,6 +88,7 @@ class KNNAttention(SegmentAttention):
             return local
         self._check_batch(query)
         s, b, h, d = query.shape
+        local_keys = key
         key, value = key[-s:], value[-s:]  # the current segment's (an XL cache of inputs puts the previous one first)
 
         # Memory keys carry no position: strip RoPE, then normalise (inner product = cosine).
@@ -108,11 +113,31 @@ class KNNAttention(SegmentAttention):
         probs = torch.softmax(logits.masked_fill(~has_memory, 0.0), dim=-1) * has_memory
         from_memory = torch.einsum("bhqk,bhqkd->bhqd", probs, retrieved.values)
 
-        gate = self.gate[None, :, None, None] * has_memory  # [b, h, q, 1]
+        if self.mixing == "softmax":  # the weight the retrieved pairs get in one softmax with the local keys
+            memory_lse = torch.logsumexp(logits.masked_fill(~has_memory, 0.0), dim=-1, keepdim=True)
+            local_lse = self._local_logsumexp(query, local_keys, attention_mask)
+            gate = torch.sigmoid(self.gate_bias.float()[None, :, None, None] + memory_lse - local_lse) * has_memory
+        else:
+            gate = self.gate[None, :, None, None] * has_memory  # [b, h, q, 1]
         mixed = from_memory * gate + local.view(s, b, h, d).permute(1, 2, 0, 3).float() * (1 - gate)
 
         self.memory.stage(self.slots, *as_memory_layout(keys, value))
         return mixed.permute(2, 0, 1, 3).reshape(s, b, h * d).to(local.dtype)
+
+    def _local_logsumexp(self, query, key, attention_mask) -> torch.Tensor:
+        """logsumexp of local attention's logits per query [b, h, s, 1], computed as stock core
+        attention computes them: scaled dot products of the rotated query and keys, causal within
+        the segment; with an XL cache of inputs the keys are [previous; current] and
+        `attention_mask` says which of them a query sees."""
+        s, h = query.shape[0], query.shape[2]
+        if self.groups_per_partition != h:
+            key = key.repeat_interleave(h // self.groups_per_partition, dim=2)
+        logits = torch.einsum("sbhd,tbhd->bhst", query.float(), key.float()) * self.local_softmax_scale
+        if key.shape[0] == s:
+            masked = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+        else:
+            masked = attention_mask
+        return torch.logsumexp(logits.masked_fill(masked, float("-inf")), dim=-1, keepdim=True)
 
     @torch.no_grad()
     def _statistics(self, retrieved) -> dict[str, torch.Tensor]:

@@ -74,6 +74,8 @@ class SegmentAttention(MegatronModule):
         self.heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.groups_per_partition = divide(config.num_query_groups, tp_size)
         self.head_dim = config.kv_channels
+        # The scale stock core attention gives its logits (what a caller reproducing them needs).
+        self.local_softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
         self.num_slots = num_slots
         self.segment_length = segment_length
         # `rotary` is None unless the model uses RoPE: q/k then carry no position to remove.

@@ -64,6 +64,7 @@ def memorizing_layer_spec(layer_spec: ModuleSpec, config: MemorizingConfig, laye
             memory_size=config.memory_size,
             top_k=config.knn_top_k,
             gate_init=config.gate_init,
+            mixing=config.memory_mixing,
             memory_dtype=config.torch_memory_dtype,
             search_chunk_size=config.memory_search_chunk,
             backend=config.memory_backend,

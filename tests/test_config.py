@@ -19,6 +19,8 @@ from megatron_memorizing.config import ConfigError, MemorizingConfig
         (dict(position_embedding_type="alibi"), "T5 relative bias is not supported yet"),
         (dict(xl_cache=True, position_embedding_type="learned_absolute"), "needs relative positions"),
         (dict(recompute="partial"), "use 'none', 'selective' or 'full'"),
+        (dict(memory_mixing="sum"), "use 'gate' or 'softmax'"),
+        (dict(memory_mixing="softmax", xl_cache=True, xl_cache_contents="keys_values"), "needs the XL cache of inputs"),
         (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3), "divisible by pp\\*vpp=6"),
         (dict(hidden_size=100, num_attention_heads=8), "set kv_channels explicitly"),
         (dict(num_query_groups=3), "num_query_groups=3 must divide"),

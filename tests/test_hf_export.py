@@ -45,6 +45,7 @@ VARIANTS = {
         add_bias_linear=False,
     ),
     "learned-absolute-two-memory-layers": dict(position_embedding_type="learned_absolute", memory_layers=(2, 4)),
+    "softmax-mixing-xl-gqa": dict(memory_mixing="softmax", xl_cache=True, num_query_groups=2),
 }
 
 

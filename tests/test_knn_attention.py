@@ -54,7 +54,7 @@ def test_closed_gate_equals_stock_megatron_and_open_gate_uses_memory(single_rank
     assert opened[1] != stock[1] and opened[2] != stock[2]
 
 
-def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32):
+def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32, mixing="gate"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
@@ -72,6 +72,7 @@ def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32):
         memory_size=memory_size,
         top_k=4,
         gate_init=1e4,  # g = 1: the output is the memory read alone
+        mixing=mixing,
     )
     with torch.no_grad():
         layer.memory_log_scale.fill_(math.log(200.0))  # a sharp softmax: the best match wins
@@ -122,6 +123,35 @@ def test_gradients_reach_queries_and_gate_but_never_memory(single_rank):
     assert q.grad.abs().sum() > 0 and layer.gate_bias.grad.abs().sum() > 0
     assert layer.memory_log_scale.grad.abs().sum() > 0
     assert not layer.memory.keys.requires_grad and not layer.memory.values.requires_grad
+
+
+def test_softmax_mixing_is_one_softmax_over_retrieved_and_local_keys(single_rank):
+    """memory_mixing='softmax' with b_g = 0: the layer's output is attention with one softmax over
+    the retrieved pairs (logits: scale x cosine, no positions) and the local keys (stock logits,
+    causal): the memory gets the weight its matches earn against the local keys."""
+    _, layer = _layer(rotary=False, mixing="softmax")
+    layer.eval()  # no attention dropout
+    scale = 4.0
+    with torch.no_grad():
+        layer.gate_bias.zero_()
+        layer.memory_log_scale.fill_(math.log(scale))
+    g = torch.Generator().manual_seed(2)
+    s, b, h, d = 8, 2, 2, 16
+    layer(*(torch.randn(s, b, h, d, generator=g) for _ in range(3)), None)
+    layer.memory.commit()
+    q, k, v = (torch.randn(s, b, h, d, generator=g) for _ in range(3))
+    layer.record_retrieval = True
+    out = layer(q, k, v, None).view(s, b, h, d)
+
+    found = layer.last_retrieval
+    assert found.valid.all()
+    memory_logits = torch.einsum("bhqd,bhqkd->bhqk", torch.nn.functional.normalize(q.permute(1, 2, 0, 3), dim=-1), found.keys) * scale
+    local_logits = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(d)
+    local_logits = local_logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(torch.cat([memory_logits, local_logits], dim=-1), dim=-1)
+    values = torch.cat([found.values, v.permute(1, 2, 0, 3)[:, :, None].expand(b, h, s, s, d)], dim=3)
+    expected = torch.einsum("bhqk,bhqkd->bhqd", probs, values).permute(2, 0, 1, 3)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 XL_CONTENTS = ["keys_values", "inputs"]

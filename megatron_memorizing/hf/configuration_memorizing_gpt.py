@@ -44,6 +44,7 @@ class MemorizingGPTConfig(PretrainedConfig):
         memory_backend: str = "torch",
         xl_cache: bool = False,
         gate_init: float = 0.0,
+        memory_mixing: str = "gate",
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
         **kwargs,
@@ -72,6 +73,7 @@ class MemorizingGPTConfig(PretrainedConfig):
         self.memory_backend = memory_backend
         self.xl_cache = xl_cache
         self.gate_init = gate_init
+        self.memory_mixing = memory_mixing  # "gate" or "softmax": see the training config's model.memory_mixing
         self.initializer_range = initializer_range
         self._check()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -90,6 +92,8 @@ class MemorizingGPTConfig(PretrainedConfig):
             problems.append(f"memory_layers={self.memory_layers} must lie in 1..{self.num_hidden_layers}")
         if self.memory_layers and not 1 <= self.knn_top_k <= self.memory_size:
             problems.append(f"knn_top_k={self.knn_top_k} must lie in 1..memory_size={self.memory_size}")
+        if self.memory_mixing not in ("gate", "softmax"):
+            problems.append(f"memory_mixing={self.memory_mixing!r} (use 'gate' or 'softmax')")
         if self.memory_backend not in ("torch", "faiss"):
             problems.append(f"memory_backend={self.memory_backend!r} (use 'torch' or 'faiss')")
         if self.xl_cache and self.position_embedding_type == "learned_absolute":

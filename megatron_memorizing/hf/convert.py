@@ -225,6 +225,7 @@ def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None
         memory_backend="torch",
         xl_cache=config.xl_cache,
         gate_init=config.gate_init,
+        memory_mixing=config.memory_mixing,
         initializer_range=config.init_method_std,
         tie_word_embeddings=config.share_embeddings_and_output_weights,
         bos_token_id=tokenizer.bos_token_id,

@@ -261,16 +261,22 @@ class Attention(nn.Module):
         # The memory is not differentiable; gradients stay within one call.
         state.segment = (k.detach(), v.detach())
 
-        out = self._local(q, k, v, state, offset)
         # A document's first segment finds no memory and keeps local attention alone.
-        if self.has_memory and state.memory is not None:
-            from_memory = self._from_memory(q, state.memory)
-            gate = torch.sigmoid(self.gate_bias.float())[None, :, None, None]
+        with_memory = self.has_memory and state.memory is not None
+        softmax_mixing = with_memory and self.config.memory_mixing == "softmax"
+        out, local_lse = self._local(q, k, v, state, offset, softmax_mixing)
+        if with_memory:
+            from_memory, memory_lse = self._from_memory(q, state.memory)
+            if softmax_mixing:  # the retrieved pairs' weight in one softmax with the local keys
+                gate = torch.sigmoid(self.gate_bias.float()[None, :, None, None] + memory_lse - local_lse)
+            else:
+                gate = torch.sigmoid(self.gate_bias.float())[None, :, None, None]
             out = (from_memory * gate + out.float() * (1 - gate)).to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def _local(self, q, k, v, state, offset):
-        """Causal attention over this segment so far, preceded by the previous segment (XL cache)."""
+    def _local(self, q, k, v, state, offset, with_logsumexp: bool = False):
+        """Causal attention over this segment so far, preceded by the previous segment (XL cache),
+        and, if asked, the logsumexp of its logits per query [b, h, t, 1]."""
         q = _rotate(q, offset, self.config)
         k = _rotate(k, 0, self.config)
         visible = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(offset)
@@ -282,10 +288,15 @@ class Attention(nn.Module):
             visible = torch.cat([visible.new_ones(q.shape[2], previous_keys.shape[2]), visible], dim=1)
         repeat = self.heads // self.groups
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        if not with_logsumexp:
+            return out, None
+        logits = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
+        return out, torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1, keepdim=True)
 
     def _from_memory(self, q, memory):
-        """Attention over the top-k pairs retrieved for each query: unit vectors, no positions."""
+        """Attention over the top-k pairs retrieved for each query (unit vectors, no positions), and
+        the logsumexp of its logits per query [b, h, t, 1]."""
         memory_keys, memory_values = memory
         b, h, t, d = q.shape
         k = min(self.config.knn_top_k, memory_keys.shape[2])
@@ -293,10 +304,11 @@ class Attention(nn.Module):
         queries = F.normalize(q.float(), dim=-1).reshape(b, self.groups, h // self.groups * t, d)
         scores, indices = top_k_inner_product(queries, memory_keys, k, self.config.memory_backend)
         scale = self.memory_log_scale.float().exp().view(1, self.groups, -1, 1, 1)
-        probs = torch.softmax(scores.view(b, self.groups, -1, t, k) * scale, dim=-1)
+        logits = scores.view(b, self.groups, -1, t, k) * scale
         values = memory_values.gather(2, indices.reshape(b, self.groups, -1, 1).expand(-1, -1, -1, d))
         values = values.view(b, self.groups, -1, t, k, d)
-        return torch.einsum("bgrqk,bgrqkd->bgrqd", probs, values).reshape(b, h, t, d)
+        out = torch.einsum("bgrqk,bgrqkd->bgrqd", torch.softmax(logits, dim=-1), values).reshape(b, h, t, d)
+        return out, torch.logsumexp(logits, dim=-1).reshape(b, h, t, 1)
 
 
 class MLP(nn.Module):
