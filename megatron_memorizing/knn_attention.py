@@ -119,6 +119,8 @@ class KNNAttention(SegmentAttention):
             gate = torch.sigmoid(self.gate_bias.float()[None, :, None, None] + memory_lse - local_lse) * has_memory
         else:
             gate = self.gate[None, :, None, None] * has_memory  # [b, h, q, 1]
+        # The share of the output the memory gives a query that has one (the gate's mean under "gate").
+        self.retrieval_stats["memory_weight"] = gate.detach().sum() / has_memory.sum().clamp(min=1)
         mixed = from_memory * gate + local.view(s, b, h, d).permute(1, 2, 0, 3).float() * (1 - gate)
 
         self.memory.stage(self.slots, *as_memory_layout(keys, value))

@@ -152,6 +152,9 @@ def test_softmax_mixing_is_one_softmax_over_retrieved_and_local_keys(single_rank
     values = torch.cat([found.values, v.permute(1, 2, 0, 3)[:, :, None].expand(b, h, s, s, d)], dim=3)
     expected = torch.einsum("bhqk,bhqkd->bhqd", probs, values).permute(2, 0, 1, 3)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # Logged as the memory's share of the output: here its share of that one softmax.
+    memory_share = probs[..., : found.keys.shape[3]].sum(-1).mean()
+    assert layer.retrieval_stats["memory_weight"].item() == pytest.approx(memory_share.item(), abs=1e-5)
 
 
 XL_CONTENTS = ["keys_values", "inputs"]

@@ -58,11 +58,13 @@ class TrainingLogger:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         gates = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/gate"))
+        weights = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/memory_weight"))
         self.progress.write(
             f"step {step:>6} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):9.2f} | lr {lr:.2e} | "
             f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"
             + (f" | {scalars['memory/gpu_max_allocated_gib']:.2f} GiB peak" if torch.cuda.is_available() else "")
             + (f" | gate {gates}" if gates else "")
+            + (f" | memory weight {weights}" if weights else "")
         )
 
     def scalars(self, values: dict, step: int) -> None:
