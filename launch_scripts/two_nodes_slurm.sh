@@ -35,17 +35,15 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 two_nodes=$here/two_nodes.sh
-prefix=${TWO_NODES_PREFIX:-mm-node}
-subnet=${TWO_NODES_SUBNET:-169.254.77}
-export TWO_NODES_PREFIX=$prefix TWO_NODES_SUBNET=$subnet
+prefix=$("$two_nodes" name 0); prefix=${prefix%0}  # the nodes' names, as two_nodes.sh gives them
 state=${TWO_NODES_SLURM_STATE:-/run/megatron-memorizing/slurm-$prefix}
 mark=$state/made-by-two_nodes_slurm  # `down` removes only a directory that carries it
 conf=$state/slurm.conf
 socket=$state/munge/munge.socket
 wait_s=${TWO_NODES_SLURM_WAIT:-60}
 
-name() { echo "$prefix$1"; }
-address() { echo "$subnet.$(( $1 + 1 ))"; }
+name() { "$two_nodes" name "$1"; }
+address() { "$two_nodes" address "$1"; }
 
 on_node0() { "$two_nodes" run 0 env SLURM_CONF="$conf" "$@"; }
 
