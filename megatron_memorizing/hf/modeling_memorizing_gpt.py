@@ -288,11 +288,12 @@ class Attention(nn.Module):
             visible = torch.cat([visible.new_ones(q.shape[2], previous_keys.shape[2]), visible], dim=1)
         repeat = self.heads // self.groups
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         if not with_logsumexp:
-            return out, None
-        logits = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
-        return out, torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1, keepdim=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible), None
+        # The scores once, for both the attention and its logsumexp.
+        logits = ((q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5).masked_fill(~visible, float("-inf"))
+        out = (torch.softmax(logits, dim=-1) @ v.float()).to(v.dtype)
+        return out, torch.logsumexp(logits, dim=-1, keepdim=True)
 
     def _from_memory(self, q, memory):
         """Attention over the top-k pairs retrieved for each query (unit vectors, no positions), and
