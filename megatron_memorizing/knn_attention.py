@@ -29,6 +29,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_memorizing.memory import KNNMemory
 from megatron_memorizing.segment_attention import SegmentAttention, state_device
+from megatron_memorizing.segment_cache import SegmentCache
 
 
 class KNNAttention(SegmentAttention):
@@ -62,7 +63,6 @@ class KNNAttention(SegmentAttention):
         self.gate_bias = self._per_head_parameter(gate_init)
         self.mixing = mixing  # "gate" or "softmax" (MemorizingConfig.memory_mixing)
         self.memory_log_scale = self._per_head_parameter(0.5 * math.log(self.head_dim))
-        self.use_memory = True  # False: local attention only, neither reading nor writing memory
         self.record_retrieval = False
         self.last_retrieval = None
         self.retrieval_stats: dict[str, torch.Tensor] = {}
@@ -74,7 +74,7 @@ class KNNAttention(SegmentAttention):
         tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
         return param
 
-    def stateful_memories(self) -> dict[str, KNNMemory]:
+    def stateful_memories(self) -> dict[str, KNNMemory | SegmentCache]:
         return {**super().stateful_memories(), "memory": self.memory}
 
     @property
@@ -84,7 +84,7 @@ class KNNAttention(SegmentAttention):
     # ---------------------------------------------------------------------------------------------
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
         local = super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        if not self.use_memory:
+        if not self.slot_selection.memory_enabled:  # local attention only, neither reading nor writing memory
             return local
         self._check_batch(query)
         s, b, h, d = query.shape

@@ -1,6 +1,7 @@
 """The trainer's one handle on the per-slot state of a model: kNN memories and XL caches.
 
-Layers never reach into the trainer; the trainer drives their state through this handle:
+Layers never reach into the trainer, and the trainer never reaches into a layer: it drives
+their state through this handle, which selects slots through the layers' shared SlotSelection:
 
     memories = ModelMemories(model_chunks, micro_batch_size)
     memories.reset(batch.new_document)          # a slot that starts a new document forgets the old one
@@ -25,6 +26,7 @@ from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memory import KNNMemory
 from megatron_memorizing.segment_cache import SegmentCache
 from megatron_memorizing.segment_attention import SegmentAttention
+from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.xl_attention import XLSelfAttention
 
 
@@ -37,6 +39,11 @@ class ModelMemories:
             m for chunk in chunks for m in chunk.modules() if isinstance(m, (SegmentAttention, XLSelfAttention))
         ]
         self.micro_batch_size = micro_batch_size
+        selections = {id(layer.slot_selection): layer.slot_selection for layer in self.layers}
+        if len(selections) > 1:
+            raise ValueError("the model chunks do not share one SlotSelection: build them together with build_model()")
+        # None for a model without per-slot state (no memory, no XL cache): nothing to select.
+        self.slot_selection: SlotSelection | None = next(iter(selections.values()), None)
 
     def named_memories(self) -> Iterable[tuple[str, KNNMemory | SegmentCache]]:
         for layer in self.layers:
@@ -49,9 +56,8 @@ class ModelMemories:
 
     # --- the step ---------------------------------------------------------------------------------
     def use_micro_batch(self, index: int) -> None:
-        slots = slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size)
-        for layer in self.layers:
-            layer.slots = slots
+        if self.slot_selection is not None:
+            self.slot_selection.select(slice(index * self.micro_batch_size, (index + 1) * self.micro_batch_size))
 
     def keep_for_backward(self, output: torch.Tensor, index: int) -> torch.Tensor:
         """Make backward of this micro-batch's output select its slots again.
@@ -122,13 +128,14 @@ class ModelMemories:
     @contextlib.contextmanager
     def disabled(self):
         """Local attention only inside the block: the model as if it had no memory."""
-        for layer in self.knn_layers:
-            layer.use_memory = False
+        if self.slot_selection is None:
+            yield
+            return
+        self.slot_selection.memory_enabled = False
         try:
             yield
         finally:
-            for layer in self.knn_layers:
-                layer.use_memory = True
+            self.slot_selection.memory_enabled = True
 
 
 class _SelectOnBackward(torch.autograd.Function):

@@ -5,7 +5,7 @@ This is the base of every core attention the plugin puts into a Megatron-Core la
   or TEDotProductAttention when Transformer Engine is installed), built unchanged, so a layer with
   nothing switched on computes exactly what stock Megatron computes;
 - it owns per-slot state that outlives a step (here the XL cache; in KNNAttention the memory),
-  addressed by the `slots` of the micro-batch being run, which the model's memory handle selects.
+  addressed by the slots of the micro-batch being run, read from the model's SlotSelection.
 
 State is never written during forward. Forward only *stages* what it would write, and the handle
 commits after the optimizer step, so forward is a pure function of (parameters, inputs, state
@@ -25,9 +25,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_memorizing.memory import KNNMemory
 from megatron_memorizing.positions import RotaryPositions
 from megatron_memorizing.segment_cache import SegmentCache
+from megatron_memorizing.slot_selection import SlotSelection
 
 
 def state_device() -> torch.device:
@@ -52,7 +52,7 @@ class SegmentAttention(MegatronModule):
         pg_collection=None,
         *,
         local_attention: ModuleSpec,
-        num_slots: int,
+        slot_selection: SlotSelection,
         segment_length: int,
         xl_cache: bool = False,
         rotary: Optional[dict] = None,
@@ -76,22 +76,25 @@ class SegmentAttention(MegatronModule):
         self.head_dim = config.kv_channels
         # The scale stock core attention gives its logits (what a caller reproducing them needs).
         self.local_softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
-        self.num_slots = num_slots
+        self.slot_selection = slot_selection  # which slots the running micro-batch streams
+        self.num_slots = slot_selection.num_slots
         self.segment_length = segment_length
         # `rotary` is None unless the model uses RoPE: q/k then carry no position to remove.
         self.rotary = RotaryPositions(config, **rotary) if rotary is not None else None
-        # Which memory slots the current micro-batch streams; set by ModelMemories.
-        self.slots = slice(0, num_slots)
         # The previous segment's un-rotated keys and values, per slot.
         per_position = (self.groups_per_partition, self.head_dim)
         self.xl_cache = (
-            SegmentCache(num_slots, segment_length, {"keys": per_position, "values": per_position},
+            SegmentCache(self.num_slots, segment_length, {"keys": per_position, "values": per_position},
                          dtype=torch.float32, device=state_device())
             if xl_cache
             else None
         )
 
-    def stateful_memories(self) -> dict[str, KNNMemory | SegmentCache]:
+    @property
+    def slots(self) -> slice:
+        return self.slot_selection.slots
+
+    def stateful_memories(self) -> dict[str, SegmentCache]:
         """Per-slot state this layer keeps across steps, by name (checkpointed by the trainer)."""
         return {"xl_cache": self.xl_cache} if self.xl_cache is not None else {}
 
@@ -100,7 +103,7 @@ class SegmentAttention(MegatronModule):
         return self.rotary.unrotate(x) if self.rotary is not None else x
 
     def _check_batch(self, query: torch.Tensor) -> None:
-        n = len(range(self.num_slots)[self.slots])
+        n = self.slot_selection.selected
         if query.shape[1] != n:
             raise RuntimeError(
                 f"layer {self.layer_number}: the micro-batch has {query.shape[1]} sequences but "

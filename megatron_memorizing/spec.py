@@ -4,6 +4,7 @@ Megatron-Core builds layers from `ModuleSpec`s; the plugin changes the core atte
 self-attention (and, for an XL cache of inputs, self-attention's class, to XLSelfAttention) and
 leaves everything else (projections, MLP, norms, TE or local implementations) exactly as the
 stock spec has it. A layer with neither memory nor XL cache keeps the stock spec untouched.
+Layers with per-slot state all receive the model's one SlotSelection (slot_selection.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_memorizing.config import MemorizingConfig
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.segment_attention import SegmentAttention
+from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.xl_attention import XLSelfAttention
 
 
@@ -32,7 +34,9 @@ def stock_layer_spec(config: MemorizingConfig, use_transformer_engine: Optional[
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
 
 
-def memorizing_layer_spec(layer_spec: ModuleSpec, config: MemorizingConfig, layer_number: int) -> ModuleSpec:
+def memorizing_layer_spec(
+    layer_spec: ModuleSpec, config: MemorizingConfig, layer_number: int, slot_selection: SlotSelection
+) -> ModuleSpec:
     """`layer_spec` with kNN attention (if `layer_number` has memory) or the XL cache (if on)."""
     with_memory = config.has_memory(layer_number)
     if not with_memory and not config.xl_cache:
@@ -49,12 +53,12 @@ def memorizing_layer_spec(layer_spec: ModuleSpec, config: MemorizingConfig, laye
         self_attention = spec.submodules.self_attention
         self_attention.module = XLSelfAttention
         self_attention.params = {
-            **self_attention.params, "num_slots": config.memory_slots, "segment_length": config.segment_length,
+            **self_attention.params, "slot_selection": slot_selection, "segment_length": config.segment_length,
             "rotary": rotary,
         }
     params = dict(
         local_attention=attention.core_attention,
-        num_slots=config.memory_slots,
+        slot_selection=slot_selection,
         segment_length=config.segment_length,
         xl_cache=config.xl_cache and not xl_inputs,
         rotary=rotary,
@@ -76,6 +80,7 @@ def memorizing_layer_spec(layer_spec: ModuleSpec, config: MemorizingConfig, laye
 def memorizing_block_spec(
     config: MemorizingConfig,
     transformer_config: TransformerConfig,
+    slot_selection: SlotSelection,
     vp_stage: Optional[int] = None,
     use_transformer_engine: Optional[bool] = None,
 ) -> TransformerBlockSubmodules:
@@ -88,6 +93,6 @@ def memorizing_block_spec(
     offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
     count = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[memorizing_layer_spec(base, config, offset + i + 1) for i in range(count)],
+        layer_specs=[memorizing_layer_spec(base, config, offset + i + 1, slot_selection) for i in range(count)],
         layer_norm=base.submodules.input_layernorm,
     )

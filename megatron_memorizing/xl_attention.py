@@ -23,20 +23,20 @@ from megatron.core.utils import divide
 from megatron_memorizing.positions import RotaryPositions
 from megatron_memorizing.segment_attention import cache_then_causal_mask, state_device
 from megatron_memorizing.segment_cache import SegmentCache
+from megatron_memorizing.slot_selection import SlotSelection
 
 
 class XLSelfAttention(SelfAttention):
-    def __init__(self, *args, num_slots: int, segment_length: int, rotary: Optional[dict] = None, **kwargs):
+    def __init__(self, *args, slot_selection: SlotSelection, segment_length: int, rotary: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.num_slots = num_slots
+        self.slot_selection = slot_selection  # which slots the running micro-batch streams
         self.segment_length = segment_length
         self.rotary = RotaryPositions(self.config, **rotary) if rotary is not None else None
         # Under sequence parallelism each rank holds (and caches) its part of the sequence; the
         # projection gathers the parts of the cached segment as it does the current one's.
         self.sequence_shards = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        self.cache = SegmentCache(num_slots, divide(segment_length, self.sequence_shards), {"inputs": (self.config.hidden_size,)},
+        self.cache = SegmentCache(slot_selection.num_slots, divide(segment_length, self.sequence_shards), {"inputs": (self.config.hidden_size,)},
                                   dtype=self.config.params_dtype, device=state_device())
-        self.slots = slice(0, num_slots)  # which slots the current micro-batch streams; set by ModelMemories
         self._cached_inputs: Optional[torch.Tensor] = None  # [L, b, hidden] during forward only
 
     def stateful_memories(self) -> dict[str, SegmentCache]:
@@ -46,12 +46,13 @@ class XLSelfAttention(SelfAttention):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
         if kwargs.get("inference_context") is not None or kwargs.get("packed_seq_params") is not None:
             raise NotImplementedError("the XL cache streams whole segments: no inference context or packed sequences")
-        cached, filled = self.cache.contents(self.slots)
+        slots = self.slot_selection.slots
+        cached, filled = self.cache.contents(slots)
         cached = cached["inputs"]  # [b, L, hidden]; filled: [b]
         if cached.shape[0] != hidden_states.shape[1]:
             raise RuntimeError(
                 f"layer {self.layer_number}: the micro-batch has {hidden_states.shape[1]} sequences but "
-                f"{cached.shape[0]} slots are selected ({self.slots}); select them with ModelMemories.use_micro_batch()"
+                f"{cached.shape[0]} slots are selected ({slots}); select them with ModelMemories.use_micro_batch()"
             )
         length, s = self.segment_length, hidden_states.shape[0] * self.sequence_shards
         if kwargs.get("rotary_pos_emb") is not None:
@@ -59,7 +60,7 @@ class XLSelfAttention(SelfAttention):
             query_freqs = query_freqs[0] if isinstance(query_freqs, tuple) else query_freqs
             kwargs["rotary_pos_emb"] = (query_freqs, self.rotary.freqs(length + s, -length, query_freqs.device))
         mask = cache_then_causal_mask(filled.to(hidden_states.device), length, s)
-        self.cache.stage(self.slots, inputs=hidden_states.transpose(0, 1))
+        self.cache.stage(slots, inputs=hidden_states.transpose(0, 1))
         self._cached_inputs = cached.transpose(0, 1).to(hidden_states.dtype)
         try:
             return super().forward(hidden_states, mask, **kwargs)

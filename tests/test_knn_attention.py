@@ -13,6 +13,7 @@ from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.positions import RotaryPositions
+from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.training.step import forward_backward
 from tiny import document_batches, tiny_config
 
@@ -38,6 +39,23 @@ def test_spec_puts_memory_only_in_the_configured_layer(single_rank):
     assert kinds == [DotProductAttention, DotProductAttention, KNNAttention, DotProductAttention]
     assert [layer.layer_number for layer in memories.knn_layers] == [3]
     assert tiny_config(num_layers=12, memory_layers=None).memory_layers == (9,)  # the paper's layer 9 of 12
+
+
+def test_every_stateful_layer_reads_the_one_slot_selection_the_handle_drives(single_rank):
+    config = tiny_config(xl_cache=True, micro_batch_size=2, num_micro_batches=2)
+    (model,), memories = built(config)
+    selections = {id(layer.slot_selection) for layer in memories.layers}
+    assert len(memories.layers) == 8 and selections == {id(memories.slot_selection)}  # 4 XL self-attentions, 4 core
+    memories.use_micro_batch(1)
+    assert all(layer.slot_selection.slots == slice(2, 4) for layer in memories.layers)
+    with memories.disabled():
+        assert not memories.slot_selection.memory_enabled
+    assert memories.slot_selection.memory_enabled
+    with pytest.raises(IndexError, match="outside the model's 4 slots"):
+        memories.use_micro_batch(2)
+    (other,) = build_model(config)
+    with pytest.raises(ValueError, match="do not share one SlotSelection"):
+        ModelMemories([model, other], config.micro_batch_size)
 
 
 def test_closed_gate_equals_stock_megatron_and_open_gate_uses_memory(single_rank):
@@ -66,7 +84,7 @@ def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32, 
         attn_mask_type=AttnMaskType.causal,
         attention_type="self",
         local_attention=ModuleSpec(module=DotProductAttention),
-        num_slots=num_slots,
+        slot_selection=SlotSelection(num_slots),
         segment_length=length,
         rotary=dict(rotary_base=10000, rotary_percent=1.0) if rotary else None,
         memory_size=memory_size,
