@@ -86,7 +86,7 @@ class KNNAttention(SegmentAttention):
         local = super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if not self.slot_selection.memory_enabled:  # local attention only, neither reading nor writing memory
             return local
-        self._check_batch(query)
+        self.slot_selection.check_batch(query.shape[1], self.layer_number)
         s, b, h, d = query.shape
         local_keys = key
         key, value = key[-s:], value[-s:]  # the current segment's (an XL cache of inputs puts the previous one first)

@@ -77,18 +77,21 @@ class SegmentAttention(MegatronModule):
         # The scale stock core attention gives its logits (what a caller reproducing them needs).
         self.local_softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
         self.slot_selection = slot_selection  # which slots the running micro-batch streams
-        self.num_slots = slot_selection.num_slots
         self.segment_length = segment_length
         # `rotary` is None unless the model uses RoPE: q/k then carry no position to remove.
         self.rotary = RotaryPositions(config, **rotary) if rotary is not None else None
         # The previous segment's un-rotated keys and values, per slot.
         per_position = (self.groups_per_partition, self.head_dim)
         self.xl_cache = (
-            SegmentCache(self.num_slots, segment_length, {"keys": per_position, "values": per_position},
+            SegmentCache(slot_selection.num_slots, segment_length, {"keys": per_position, "values": per_position},
                          dtype=torch.float32, device=state_device())
             if xl_cache
             else None
         )
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_selection.num_slots
 
     @property
     def slots(self) -> slice:
@@ -102,15 +105,6 @@ class SegmentAttention(MegatronModule):
     def unrotated(self, x: torch.Tensor) -> torch.Tensor:
         return self.rotary.unrotate(x) if self.rotary is not None else x
 
-    def _check_batch(self, query: torch.Tensor) -> None:
-        n = self.slot_selection.selected
-        if query.shape[1] != n:
-            raise RuntimeError(
-                f"layer {self.layer_number}: the micro-batch has {query.shape[1]} sequences but "
-                f"{n} memory slots are selected ({self.slots}); select the micro-batch's slots with "
-                f"ModelMemories.use_micro_batch() before the forward pass."
-            )
-
     def local(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs) -> torch.Tensor:
         """Local causal attention, over [previous segment; current segment] when the XL cache is on.
 
@@ -121,7 +115,7 @@ class SegmentAttention(MegatronModule):
             return self.local_attention(query, key, value, attention_mask, attn_mask_type=AttnMaskType.arbitrary, **kwargs)
         if self.xl_cache is None:
             return self.local_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
-        self._check_batch(query)
+        self.slot_selection.check_batch(query.shape[1], self.layer_number)
         s = query.shape[0]
         cached, filled = self.xl_cache.contents(self.slots)  # [b, L, g, d] each, [b]
         length = self.xl_cache.length

@@ -21,7 +21,12 @@ class SlotSelection:
             raise IndexError(f"slots {slots.start}..{slots.stop - 1} are outside the model's {self.num_slots} slots")
         self.slots = slots
 
-    @property
-    def selected(self) -> int:
-        """How many slots are selected (the micro-batch's sequences)."""
-        return self.slots.stop - self.slots.start
+    def check_batch(self, sequences: int, layer_number: int) -> None:
+        """A layer's check that its input has one sequence per selected slot."""
+        selected = self.slots.stop - self.slots.start
+        if sequences != selected:
+            raise RuntimeError(
+                f"layer {layer_number}: the micro-batch has {sequences} sequences but {selected} memory slots "
+                f"are selected ({self.slots}); select the micro-batch's slots with "
+                f"ModelMemories.use_micro_batch() before the forward pass."
+            )

@@ -46,14 +46,10 @@ class XLSelfAttention(SelfAttention):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs):
         if kwargs.get("inference_context") is not None or kwargs.get("packed_seq_params") is not None:
             raise NotImplementedError("the XL cache streams whole segments: no inference context or packed sequences")
+        self.slot_selection.check_batch(hidden_states.shape[1], self.layer_number)
         slots = self.slot_selection.slots
         cached, filled = self.cache.contents(slots)
         cached = cached["inputs"]  # [b, L, hidden]; filled: [b]
-        if cached.shape[0] != hidden_states.shape[1]:
-            raise RuntimeError(
-                f"layer {self.layer_number}: the micro-batch has {hidden_states.shape[1]} sequences but "
-                f"{cached.shape[0]} slots are selected ({slots}); select them with ModelMemories.use_micro_batch()"
-            )
         length, s = self.segment_length, hidden_states.shape[0] * self.sequence_shards
         if kwargs.get("rotary_pos_emb") is not None:
             query_freqs = kwargs["rotary_pos_emb"]
