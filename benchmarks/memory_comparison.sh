@@ -6,6 +6,7 @@
 #   benchmarks/memory_comparison.sh CORPUS STEPS VARIANT [VARIANT ...]
 #   benchmarks/memory_comparison.sh stdlib 1000 nomemory memory1536 memory8192 xl-inputs memory1536-xl-inputs
 #   benchmarks/memory_comparison.sh stdlib 500 xl-keys-values   # the XL cache of last step's keys and values
+#   benchmarks/memory_comparison.sh stdlib 4000 xl-inputs-dropout15   # 15% of segments read an empty XL cache
 #   benchmarks/memory_comparison.sh stdlib 1000 finetune-memory1536 finetune-nomemory
 #
 # The finetune-* variants start from the nomemory run's weights (train that first) and train
@@ -37,6 +38,8 @@ for variant in "$@"; do
         memory1536-softmax)  args=(--set model.memory_size=1536 --set model.memory_mixing=softmax) ;;
         xl-inputs)           args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
         memory1536-xl-inputs) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
+        xl-inputs-dropout[0-9]*) args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs
+                                       --set training.xl_cache_dropout=0.${variant#xl-inputs-dropout}) ;;
         xl-keys-values)      args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;
         memory1536-xl-keys-values) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;
         finetune-memory1536) args=(--set model.memory_size=1536 "${finetune[@]}") ;;

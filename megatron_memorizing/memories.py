@@ -74,6 +74,13 @@ class ModelMemories:
             for _, memory in self.named_memories():
                 memory.reset(new_document.to(memory.fill.device))
 
+    def forget_previous_segments(self, slots: torch.Tensor) -> None:
+        """Empty the XL caches (not the kNN memories) of every slot where `slots` ([num_slots] bool) is True."""
+        if bool(slots.any()):
+            for _, memory in self.named_memories():
+                if isinstance(memory, SegmentCache):
+                    memory.reset(slots.to(memory.fill.device))
+
     def commit(self) -> None:
         for _, memory in self.named_memories():
             memory.commit()

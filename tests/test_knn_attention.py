@@ -215,6 +215,31 @@ def test_xl_cache_sees_the_previous_segment(single_rank, contents):
     assert [name.split(".")[1] for name, _ in memories.named_memories()] == [name] * 4
 
 
+@pytest.mark.parametrize("contents", XL_CONTENTS)
+def test_forgetting_previous_segments_empties_the_xl_cache_of_those_slots_only(single_rank, contents):
+    """XL cache dropout: a dropped slot reads its next segment as a document's first (local
+    attention only), while its kNN memory and every other slot keep what they hold."""
+    config = tiny_config(xl_cache=True, xl_cache_contents=contents)
+    batches = document_batches(steps=2, slots=config.memory_slots, length=16, vocab=128, boundaries=())
+    chunks, memories = built(config)
+    run_steps(chunks, memories, batches[:1])
+    before = {name: memory.fill.clone() for name, memory in memories.named_memories()}
+    dropped = torch.zeros(config.memory_slots, dtype=torch.bool)
+    dropped[1] = True
+    memories.forget_previous_segments(dropped)
+    for name, memory in memories.named_memories():
+        expected = before[name] * ~dropped if name.split(".")[1] in ("xl_cache", "xl_inputs") else before[name]
+        assert torch.equal(memory.fill, expected), name
+    # The dropped slot's next segment is predicted as if every cache were empty; the others are not.
+    twin_chunks, twin_memories = built(config)
+    run_steps(twin_chunks, twin_memories, batches[:1])
+    twin_memories.forget_previous_segments(torch.ones(config.memory_slots, dtype=torch.bool))
+    losses = forward_backward(chunks, memories, batches[1], forward_only=True).token_losses
+    no_cache = forward_backward(twin_chunks, twin_memories, batches[1], forward_only=True).token_losses
+    torch.testing.assert_close(losses[1], no_cache[1], rtol=0, atol=0)
+    assert not torch.allclose(losses[0], no_cache[0])
+
+
 def test_an_xl_cache_of_inputs_trains_the_projection_on_the_cached_segment(single_rank):
     """The same outputs as a cache of keys and values, but the cached segment is projected with the
     current weights: the key/value projection gets gradient from it, and a changed projection

@@ -4,11 +4,12 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_memorizing.config import ConfigError
 from megatron_memorizing.train import main as train_main
 from megatron_memorizing.training.config import RunConfig
-from megatron_memorizing.training.schedules import learning_rate, memory_size
+from megatron_memorizing.training.schedules import learning_rate, memory_size, xl_cache_dropped
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,6 +50,8 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["checkpoint.interval=0"], "checkpoint.interval=0 must be at least 1"),
         (["logging.interval=0"], "logging.interval=0 must be at least 1"),
         (["optimizer.lr=[1"], r"--set optimizer.lr=\[1 is not valid YAML"),
+        (["training.xl_cache_dropout=0.2"], "needs an XL cache to empty: set model.xl_cache=true"),
+        (["model.xl_cache=true", "training.xl_cache_dropout=1.0"], r"xl_cache_dropout=1.0 must be in \[0, 1\)"),
     ],
 )
 def test_bad_run_config_is_refused_with_the_fix(overrides, message):
@@ -79,3 +82,16 @@ def test_learning_rate_warms_up_then_decays_to_min():
     assert rates[0] < rates[10] < rates[config.warmup_steps - 1]
     assert all(a >= b for a, b in zip(rates[config.warmup_steps :], rates[config.warmup_steps + 1 :]))
     assert rates[-1] == pytest.approx(config.min_lr, rel=1e-3)
+
+
+def test_xl_cache_dropout_draws_from_the_step_alone_the_same_on_every_layout():
+    """Every rank of a slot, a recomputed forward and a resumed run draw the same slots; a data-
+    parallel rank's slots are its part of the draw for all slots; about `share` of them are dropped."""
+    slots, share = 8, 0.25
+    assert torch.equal(xl_cache_dropped(7, share, 1234, slots, 0, 1), xl_cache_dropped(7, share, 1234, slots, 0, 1))
+    whole = xl_cache_dropped(7, share, 1234, 2 * slots, 0, 1)
+    assert torch.equal(torch.cat([xl_cache_dropped(7, share, 1234, slots, rank, 2) for rank in range(2)]), whole)
+    draws = torch.stack([xl_cache_dropped(step, share, 1234, slots, 0, 1) for step in range(1000)])
+    assert draws.float().mean().item() == pytest.approx(share, abs=0.02)
+    assert not torch.equal(draws[0], draws[1]) or not torch.equal(draws[1], draws[2])  # a fresh draw per step
+    assert not xl_cache_dropped(7, 0.0, 1234, slots, 0, 1).any()

@@ -53,6 +53,11 @@ class TrainingConfig:
     # Memory curriculum: [[step, memory_size], ...], sizes growing over the run (contents kept).
     # Empty: model.memory_size throughout.
     memory_curriculum: list = field(default_factory=list)
+    # Share of training segments read with an empty XL cache, drawn per slot and step (the rest
+    # read the previous segment as usual). A document's first segment always has an empty cache,
+    # and evaluation reads every document from its start: without this, a model trained on long
+    # documents rarely learns that regime. 0: never (the cache is emptied at documents' starts only).
+    xl_cache_dropout: float = 0.0
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
     eval_segments: int = 64  # validation segments per slot in one pass (None-like 0: whole split)
     # How long a collective waits for the other ranks before failing (Megatron-LM's
@@ -116,6 +121,13 @@ class RunConfig:
         if any(size < model.knn_top_k for size in sizes):
             raise ConfigError(
                 f"training.memory_curriculum has a memory size below model.knn_top_k={model.knn_top_k}."
+            )
+        if not 0.0 <= training.xl_cache_dropout < 1.0:
+            raise ConfigError(f"training.xl_cache_dropout={training.xl_cache_dropout} must be in [0, 1).")
+        if training.xl_cache_dropout and not model.xl_cache:
+            raise ConfigError(
+                f"training.xl_cache_dropout={training.xl_cache_dropout} needs an XL cache to empty: "
+                f"set model.xl_cache=true, or training.xl_cache_dropout=0."
             )
         at_least = {
             "checkpoint.keep_last": (self.checkpoint.keep_last, 1),

@@ -2,7 +2,7 @@
 
     build the model on Megatron-Core's parallel state, the optimizer (DeepSpeed ZeRO or Megatron's)
     for every step:
-        grow the memory when the curriculum says so
+        grow the memory when the curriculum says so; empty the XL caches the dropout draws
         read one segment per slot; slots that start a new document forget the old one
         forward and backward over the micro-batches (memory read-only)
         stop on a non-finite loss (the last checkpoint stays the last good one)
@@ -38,7 +38,7 @@ from megatron_memorizing.training.checkpoint import (
 from megatron_memorizing.training.config import RunConfig
 from megatron_memorizing.training.logger import TrainingLogger
 from megatron_memorizing.training.optimizer import build_optimizer
-from megatron_memorizing.training.schedules import learning_rate, memory_size
+from megatron_memorizing.training.schedules import learning_rate, memory_size, xl_cache_dropped
 from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
 
 
@@ -154,6 +154,10 @@ class Trainer:
             )
         wanted = memory_size(state.step, training.memory_curriculum, self.config.model.memory_size)
         self.memories.resize(wanted)
+        if training.xl_cache_dropout:
+            self.memories.forget_previous_segments(xl_cache_dropped(
+                state.step, training.xl_cache_dropout, training.seed, self.config.model.memory_slots, self.dp_rank, self.dp_size
+            ))
 
         self.optimizer.zero_grad()
         step_loss = forward_backward(self.optimizer.model_chunks, self.memories, batch)
