@@ -67,10 +67,17 @@ class RecallSpec:
     # last token, predictable from the one before the key, rewards a previous-token feature early
     # in training; "facts": one token `k317=v05` (num_keys * num_values more words).
     format: str = "statements"
+    # Each document opens with 0..lead_filler `pass` statements (drawn uniformly), so that its
+    # definitions fall at every offset within a segment. Without them a document that starts with
+    # a run of 4-token definitions (all of them, with min_back) has them aligned to any segment
+    # length that is a multiple of 4: none is split between two segments.
+    lead_filler: int = 0
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r}: use one of {FORMATS}")
+        if self.lead_filler < 0:
+            raise ValueError(f"lead_filler={self.lead_filler}: use 0 or more")
 
     @property
     def keys(self) -> list[str]:
@@ -107,7 +114,8 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
     it asks for the open key (defined, not yet queried) defined nearest to a time a log-uniform
     distance back: every scale of distance, from the previous statement (or min_back statements)
     to the document's start (or max_back statements), gets about the same share of queries. With no key open within
-    reach, the statement is a definition, or `pass` once every key is defined."""
+    reach, the statement is a definition, or `pass` once every key is defined. Lead filler (spec.lead_filler) goes
+    before all of it."""
     keys, values = spec.keys, spec.values
     unused = list(rng.permutation(len(keys)))
     open_keys: dict[int, int] = {}  # key -> statement index of its definition
@@ -129,6 +137,8 @@ def generate_document(spec: RecallSpec, rng: np.random.Generator) -> list[tuple[
             statements.append((DEFINE, keys[key], values[answer[key]]))
         else:
             statements.append((PASS, "", ""))
+    if spec.lead_filler:
+        statements = [(PASS, "", "")] * int(rng.integers(spec.lead_filler + 1)) + statements
     return statements
 
 
@@ -203,6 +213,9 @@ def main(argv=None) -> int:
     parser.add_argument("--min-back", type=int, default=0,
                         help="queries reach at least this many statements back (default 0): far queries only, "
                              "for evaluating on documents longer than in training")
+    parser.add_argument("--lead-filler", type=int, default=0,
+                        help="open each document with 0..N `pass` statements (default 0), so that definitions fall "
+                             "at every offset within a segment")
     parser.add_argument("--format", choices=FORMATS, default=defaults.format,
                         help="how definitions are written: statements `put v05 k317` (default), echo "
                              "`put v05 k317 v05`, facts `k317=v05` (one token)")
@@ -212,7 +225,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing datasets in OUT")
     args = parser.parse_args(argv)
-    spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back, args.min_back, args.format)
+    try:
+        spec = RecallSpec(args.num_keys, args.num_values, args.statements, args.max_back, args.min_back, args.format,
+                          args.lead_filler)
+    except ValueError as error:
+        parser.error(str(error))
     documents = {"train": args.train_documents, "validation": args.validation_documents, "test": args.test_documents}
     build(args.out, spec, documents, args.seed, args.force)
     tokenizer = SentencePieceTokenizer(args.out / SENTENCEPIECE_FILE)

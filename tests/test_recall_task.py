@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.recall_task import PASS, QUERY, RecallSpec, build, document_words, generate_document, generate_split
+from data_tools.recall_task import DEFINE, PASS, QUERY, RecallSpec, build, document_words, generate_document, generate_split
 from megatron_memorizing.data import DocumentStream, load_tokenizer, open_indexed_dataset
 from megatron_memorizing.eval import recall
 from megatron_memorizing.eval.recall import distance_bucket, find_queries, recall_accuracy, task_tokens
@@ -33,7 +33,8 @@ def query_distances(spec, statements) -> list[int]:
     for op, key, value in statements:
         words = spec.statement_words(op, key, value)
         if op == PASS:
-            assert words == [PASS] and len(defined) == spec.num_keys  # filler only once keys run out
+            # filler only before anything else (lead filler) or once keys run out
+            assert words == [PASS] and len(defined) in ((0, spec.num_keys) if spec.lead_filler else (spec.num_keys,))
         elif op == QUERY:
             assert key in defined and key not in queried
             assert defined[key][1] == value, "a query's answer is not its definition's value"
@@ -71,6 +72,28 @@ def test_an_evaluation_set_of_far_queries_only():
     distances = [d for statements in documents for d in query_distances(spec, statements)]
     assert min(distances) >= 256 and max(distances) > 300
     assert len(distances) == 20 * spec.num_keys
+
+
+def test_lead_filler_puts_far_definitions_at_every_offset_of_a_segment():
+    """Far-query documents open with a run of 4-token definitions: without lead filler each lies
+    inside one 8-token segment; with it, every offset occurs and some are split between two."""
+    far = dict(num_keys=16, num_values=64, statements=600, format="echo", min_back=256)
+    offsets = {}
+    for lead_filler in (0, 7):
+        spec = RecallSpec(**far, lead_filler=lead_filler)
+        rng = np.random.default_rng(0)
+        seen = set()
+        for _ in range(40):
+            statements = generate_document(spec, rng)
+            assert len(query_distances(spec, statements)) == spec.num_keys  # still every key asked, far back
+            position = 0
+            for op, key, value in statements:
+                if op == DEFINE:
+                    seen.add(position % 8)
+                position += len(spec.statement_words(op, key, value))
+        offsets[lead_filler] = seen
+    assert offsets[0] == {0, 4}  # never split: a definition is tokens offset..offset+3
+    assert offsets[7] == set(range(8))  # offsets 5, 6, 7 split a definition between segments
 
 
 @pytest.mark.parametrize("spec", [SMALL, FACTS], ids=["statements", "facts"])
