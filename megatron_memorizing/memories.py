@@ -70,15 +70,16 @@ class ModelMemories:
 
     def reset(self, new_document: torch.Tensor) -> None:
         """Empty every slot whose sequence starts a new document ([num_slots] bool)."""
-        if bool(new_document.any()):
-            for _, memory in self.named_memories():
-                memory.reset(new_document.to(memory.fill.device))
+        self._empty(new_document, (KNNMemory, SegmentCache))
 
     def forget_previous_segments(self, slots: torch.Tensor) -> None:
         """Empty the XL caches (not the kNN memories) of every slot where `slots` ([num_slots] bool) is True."""
+        self._empty(slots, SegmentCache)
+
+    def _empty(self, slots: torch.Tensor, kinds) -> None:
         if bool(slots.any()):
             for _, memory in self.named_memories():
-                if isinstance(memory, SegmentCache):
+                if isinstance(memory, kinds):
                     memory.reset(slots.to(memory.fill.device))
 
     def commit(self) -> None:
