@@ -2,7 +2,7 @@
 
 import torch
 
-from megatron_memorizing.eval.long_range import LongRangeTokens
+from megatron_memorizing.eval.long_range import REPEATED_LOCALLY as LOCAL, LongRangeTokens
 
 L = 4  # segment length
 # Positions:   0  1  2  3 | 4  5  6  7 | 8  9 10 11 | 12 13 14 15 | 16
@@ -29,15 +29,17 @@ def test_a_repeat_beyond_local_attention_is_long_range_by_distance():
 
 
 def test_the_xl_window_counts_as_local():
-    # With the previous segment visible too, the gram ending at 8 (segment 2) is local for label 16.
-    assert marks(DOCUMENT, window=2) == [[-1] * 4, [-1] * 4, [-1, 1, -1, -1], [-1, 1, 1, -1]]
+    # With the previous segment visible too, the gram ending at 8 (segment 2) is a local repeat for label 16.
+    assert marks(DOCUMENT, window=2) == [[-1] * 4, [-1] * 4, [-1, 1, -1, -1], [-1, 1, 1, LOCAL]]
 
 
 def test_only_the_latest_occurrence_counts():
-    # Every 3-gram of a run of one token occurred just before: never long-range. A period of 3
-    # across segments of 4 is: the gram ending at 5 was last seen at 2, outside segment 1.
-    assert marks([7] * 9, window=1) == [[-1] * 4, [-1] * 4]
-    assert marks([1, 2, 3] * 3, window=1) == [[-1] * 4, [0, 0, -1, -1]]
+    # Every 3-gram of a run of one token occurred just before: a local repeat, never long-range (the
+    # first label has no 2 tokens before it; the second's gram is new). A period of 3 across
+    # segments of 4 is: the gram ending at 5 was last seen at 2, outside segment 1; those ending at
+    # 7 and 8 were last seen at 4 and 5, inside it.
+    assert marks([7] * 9, window=1) == [[-1, -1, LOCAL, LOCAL], [LOCAL] * 4]
+    assert marks([1, 2, 3] * 3, window=1) == [[-1] * 4, [0, 0, LOCAL, LOCAL]]
 
 
 def test_a_new_document_forgets_the_previous_one():

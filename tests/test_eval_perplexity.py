@@ -124,6 +124,12 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     counts = {name: [(row["start"], row["tokens"]) for row in rows] for name, rows in far.items()}
     assert len(set(map(tuple, counts.values()))) == 1 and sum(n for _, n in counts["no memory"]) > 0
     assert "loss on long-range tokens" in printed
+    # Repeats inside local attention's view: also a property of the documents, and disjoint from the
+    # long-range tokens (each token is one or the other at most).
+    local = {name: r["repeated_locally"] for name, r in report["results"].items()}
+    assert len({r["tokens"] for r in local.values()}) == 1 and local["no memory"]["tokens"] > 0
+    assert local["no memory"]["tokens"] + sum(n for _, n in counts["no memory"]) <= report["results"]["no memory"]["tokens"]
+    assert all(0 < r["loss"] < 20 for r in local.values()) and "0 (local)" in printed
     # The reference reads 64 tokens at a time with the same weights: on a document's first segment
     # of 16 it sees what the model without memory sees, further on more.
     ppl = {name: {row["start"]: row["perplexity"] for row in r["by_position"]} for name, r in report["results"].items()}

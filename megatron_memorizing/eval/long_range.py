@@ -6,6 +6,10 @@ before the current segment (and before the previous segment too, for a model wit
 Its distance is how far back the latest such occurrence ends, in segments. The mean loss over all
 tokens dilutes what memory does; the loss on these tokens, by distance, with and without memory,
 is where it shows.
+
+Tokens whose (n+1)-gram last occurred *inside* what local attention sees are marked too
+(REPEATED_LOCALLY): their loss against that of other tokens says whether the model copies from
+its context at all. A memory can only extend a lookup the model already does locally.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 # Distance buckets, in segments back: [1, 2), [2, 4), [4, 8), ... [2^15, longer).
 DISTANCE_EDGES = [2**i for i in range(16)]
+REPEATED_LOCALLY = -2  # the mark of a repeat inside local attention's view (-1: no repeat)
 
 
 class LongRangeTokens:
@@ -40,7 +45,8 @@ class LongRangeTokens:
     def mark(self, tokens: torch.Tensor, labels: torch.Tensor, new_document: torch.Tensor,
              offsets: torch.Tensor) -> torch.Tensor:
         """For one batch ([slots, L], as the document stream yields it): the distance bucket index of
-        every long-range label, -1 elsewhere ([slots, L] int64)."""
+        every long-range label, REPEATED_LOCALLY for a repeat local attention sees, -1 elsewhere
+        ([slots, L] int64)."""
         buckets = torch.full(labels.shape, -1, dtype=torch.int64)
         edges = torch.tensor(DISTANCE_EDGES)
         for slot in range(labels.shape[0]):
@@ -58,6 +64,8 @@ class LongRangeTokens:
                     if previous is not None and previous < self._visible_from(position):
                         segments_back = -(-(position - previous) // self.segment_length)  # at least 1
                         buckets[slot, i] = int(torch.bucketize(torch.tensor(segments_back), edges, right=True)) - 1
+                    elif previous is not None:
+                        buckets[slot, i] = REPEATED_LOCALLY
                     last_end[gram] = position
                 recent.append(target)
         return buckets

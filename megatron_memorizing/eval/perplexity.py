@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_memorizing.data import DocumentStream
-from megatron_memorizing.eval.long_range import DISTANCE_EDGES, LongRangeTokens
+from megatron_memorizing.eval.long_range import DISTANCE_EDGES, REPEATED_LOCALLY, LongRangeTokens
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
 
@@ -32,6 +32,8 @@ class Perplexity:
     text_bytes: float = 0.0  # UTF-8 bytes of text the predicted tokens stand for (0: not counted)
     # long-range tokens (eval/long_range.py): distance bucket start (segments back) -> (loss_sum, tokens)
     long_range: dict[int, tuple[float, float]] = field(default_factory=dict)
+    # (loss_sum, tokens) of the tokens repeated inside local attention's view (eval/long_range.py)
+    repeated_locally: tuple[float, float] = (0.0, 0.0)
 
     @property
     def loss(self) -> float:
@@ -76,7 +78,8 @@ def evaluate(
     # Rows: loss sum, tokens, text bytes; one column per position bucket.
     bucket_sums = torch.zeros(3, len(edges), dtype=torch.float64)
     byte_table = torch.tensor(bytes_per_id or [], dtype=torch.float64)
-    range_sums = torch.zeros(2, len(DISTANCE_EDGES), dtype=torch.float64)
+    # Rows: loss sum, tokens; one column per distance bucket, and a last one for local repeats.
+    range_sums = torch.zeros(2, len(DISTANCE_EDGES) + 1, dtype=torch.float64)
     last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     total_steps = stream.total_steps if max_steps is None else min(max_steps, stream.total_steps or max_steps)
     try:
@@ -94,9 +97,10 @@ def evaluate(
                     bucket_sums[2].index_add_(0, bucket, byte_table[batch.labels.flatten().cpu()] * mask)
                 if long_range is not None:
                     distance = long_range.mark(batch.tokens, batch.labels, batch.new_document, batch.offsets).flatten()
-                    chosen = (distance >= 0) & (mask > 0)
-                    range_sums[0].index_add_(0, distance[chosen], losses[chosen])
-                    range_sums[1].index_add_(0, distance[chosen], torch.ones(int(chosen.sum()), dtype=torch.float64))
+                    column = distance.masked_fill(distance == REPEATED_LOCALLY, len(DISTANCE_EDGES))
+                    chosen = (column >= 0) & (mask > 0)
+                    range_sums[0].index_add_(0, column[chosen], losses[chosen])
+                    range_sums[1].index_add_(0, column[chosen], torch.ones(int(chosen.sum()), dtype=torch.float64))
     finally:
         for chunk in model_chunks:
             chunk.train()
@@ -105,4 +109,5 @@ def evaluate(
     far = sum_over_data_parallel(range_sums)
     by_distance = {DISTANCE_EDGES[b]: (far[0, b].item(), far[1, b].item()) for b in range(len(DISTANCE_EDGES))
                    if far[1, b] > 0}
-    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position, sums[2].sum().item(), by_distance)
+    local = (far[0, -1].item(), far[1, -1].item())
+    return Perplexity(sums[0].sum().item(), sums[1].sum().item(), by_position, sums[2].sum().item(), by_distance, local)

@@ -91,10 +91,14 @@ def position_rows(results: dict[str, Perplexity]) -> list[list[str]]:
 
 
 def long_range_rows(results: dict[str, Perplexity]) -> list[list[str]]:
-    """Rows 'segments back | tokens | loss per condition' over long-range tokens, and their total."""
+    """Rows 'segments back | tokens | loss per condition': the repeats inside local attention's view
+    first (what the model copies without memory), then long-range tokens by distance, and their total."""
     names = list(results)
     first = results[names[0]].long_range
     rows = []
+    if results[names[0]].repeated_locally[1]:
+        cells = [f"{s / n:.4f}" for s, n in (results[name].repeated_locally for name in names)]
+        rows.append(["0 (local)", f"{results[names[0]].repeated_locally[1]:,.0f}", *cells])
     for start in sorted(first):
         cells = [f"{s / n:.4f}" for s, n in (results[name].long_range[start] for name in names)]
         rows.append([f"{start}-{2 * start - 1}", f"{first[start][1]:,.0f}", *cells])
@@ -123,6 +127,8 @@ def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> d
                 long_range_by_segments_back=[
                     dict(start=start, loss=s / n, tokens=n) for start, (s, n) in sorted(r.long_range.items())
                 ],
+                repeated_locally=dict(loss=r.repeated_locally[0] / max(r.repeated_locally[1], 1.0),
+                                      tokens=r.repeated_locally[1]),
             )
             for name, r in results.items()
         },
@@ -191,7 +197,7 @@ def main(argv=None) -> int:
     print("\nperplexity by position in the document")
     print(table(["positions", "tokens", *results], position_rows(results)))
     print(f"\nloss on long-range tokens (they and the {args.long_range_context} before them last seen beyond local "
-          "attention), by segments back")
+          "attention), by segments back; 0 (local): last seen inside it")
     print(table(["segments back", "tokens", *results], long_range_rows(results)))
 
     out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
