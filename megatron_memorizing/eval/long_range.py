@@ -61,11 +61,11 @@ class LongRangeTokens:
                 if len(recent) == self.n:
                     gram = (*recent, target)
                     previous = last_end.get(gram)
-                    if previous is not None and previous < self._visible_from(position):
+                    if previous is not None and previous >= self._visible_from(position):
+                        buckets[slot, i] = REPEATED_LOCALLY
+                    elif previous is not None:
                         segments_back = -(-(position - previous) // self.segment_length)  # at least 1
                         buckets[slot, i] = int(torch.bucketize(torch.tensor(segments_back), edges, right=True)) - 1
-                    elif previous is not None:
-                        buckets[slot, i] = REPEATED_LOCALLY
                     last_end[gram] = position
                 recent.append(target)
         return buckets

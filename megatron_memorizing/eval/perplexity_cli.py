@@ -93,18 +93,17 @@ def position_rows(results: dict[str, Perplexity]) -> list[list[str]]:
 def long_range_rows(results: dict[str, Perplexity]) -> list[list[str]]:
     """Rows 'segments back | tokens | loss per condition': the repeats inside local attention's view
     first (what the model copies without memory), then long-range tokens by distance, and their total."""
-    names = list(results)
-    first = results[names[0]].long_range
+    def row(label: str, sums: list[tuple[float, float]]) -> list[str]:  # (loss sum, tokens) per condition
+        return [label, f"{sums[0][1]:,.0f}", *(f"{s / n:.4f}" for s, n in sums)]
+
+    first = next(iter(results.values()))
     rows = []
-    if results[names[0]].repeated_locally[1]:
-        cells = [f"{s / n:.4f}" for s, n in (results[name].repeated_locally for name in names)]
-        rows.append(["0 (local)", f"{results[names[0]].repeated_locally[1]:,.0f}", *cells])
-    for start in sorted(first):
-        cells = [f"{s / n:.4f}" for s, n in (results[name].long_range[start] for name in names)]
-        rows.append([f"{start}-{2 * start - 1}", f"{first[start][1]:,.0f}", *cells])
-    if first:
-        totals = [tuple(map(sum, zip(*results[name].long_range.values()))) for name in names]
-        rows.append(["all", f"{totals[0][1]:,.0f}", *(f"{s / n:.4f}" for s, n in totals)])
+    if first.repeated_locally[1]:
+        rows.append(row("0 (local)", [r.repeated_locally for r in results.values()]))
+    for start in sorted(first.long_range):
+        rows.append(row(f"{start}-{2 * start - 1}", [r.long_range[start] for r in results.values()]))
+    if first.long_range:
+        rows.append(row("all", [tuple(map(sum, zip(*r.long_range.values()))) for r in results.values()]))
     return rows
 
 
