@@ -2,6 +2,7 @@
 
     megatron-memorizing-data build                 # the default: CPython stdlib -> data/stdlib/
     megatron-memorizing-data build --preset coq    # Debian libcoq-stdlib -> data/coq/
+    megatron-memorizing-data copies --input data/stdlib/corpus/train.jsonl --output data/stdlib-copies/train.jsonl
 """
 
 import argparse
@@ -99,6 +100,21 @@ def _parser() -> argparse.ArgumentParser:
     tokenizer.add_argument("--max-sentences", type=int, default=100_000,
                            help="at most this many ~4000-character chunks are sampled for training (default 100000)")
 
+    copies = commands.add_parser(
+        "copies", help="JSONL -> JSONL with every block of lines written twice (a copy warm-up corpus)",
+        description="Write each document with every block of 1..MAX_LINES lines repeated right after itself, so "
+                    "that half the tokens are predictable only by looking back: a short warm-up on it teaches a "
+                    "small model the in-context lookup a memory layer extends (docs/results.md, section 5). Tokenize the "
+                    "output with `preprocess`.",
+    )
+    copies.add_argument("--input", type=Path, required=True, metavar="JSONL", help="documents, e.g. a corpus split")
+    copies.add_argument("--output", type=Path, required=True, metavar="JSONL", help="the JSONL file to write")
+    copies.add_argument("--max-lines", type=int, default=16, metavar="N",
+                        help="blocks are 1 to N lines long, drawn per document (default 16: up to ~200 tokens of "
+                             "code, inside a 256-token segment)")
+    copies.add_argument("--seed", type=int, default=0, help="seed of the block lengths (default 0)")
+    copies.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
     pre = commands.add_parser("preprocess", help="JSONL + tokenizer -> Megatron .bin/.idx + manifest",
                               description="Tokenize one JSONL file into PREFIX.bin/.idx (one Megatron document per "
                                           "line, end-of-document id appended), copy the tokenizer beside it and "
@@ -152,6 +168,11 @@ def _run(args, command: str) -> None:
             source, args.out, args.validation_fraction, args.test_fraction, args.min_chars, args.document_unit
         )
         print(corpus_report(stats))
+    elif args.command == "copies":
+        from .block_copies import write_block_copies
+
+        count = write_block_copies(args.input, args.output, args.max_lines, args.seed, args.force)
+        print(f"wrote {args.output}: {count:,} documents, every block of 1-{args.max_lines} lines twice")
     elif args.command == "tokenizer":
         from .train_tokenizer import train_tokenizer
 

@@ -9,6 +9,7 @@ import pytest
 from fixtures.data_corpus import VOCAB, build_small_data, copy_stdlib_slice
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from data_tools.block_copies import line_blocks
 from data_tools.cli import _parser, main
 from data_tools.corpus import build_corpus, split_of
 from data_tools.fetch import FetchError, fetch_debian
@@ -163,6 +164,43 @@ def test_build_prints_the_stats_report(tmp_path, capsys):
     for expected in ["characters", "p50", "p99", "tokens", "MB/s", "tokens/s", "train: ", "validation: ", "test: "]:
         assert expected in out
     assert read_manifest(tmp_path / "out" / "train").command.startswith("megatron-memorizing-data build")
+
+
+def test_copies_write_every_block_of_lines_twice_and_keep_existing_output(tmp_path, capsys):
+    import random
+    import textwrap
+
+    # Real code with every line made unique, so that the doubling can be undone unambiguously.
+    text = "".join(f"{i}: {line}" for i, line in enumerate(open(textwrap.__file__, encoding="utf-8")))
+    source = tmp_path / "train.jsonl"
+    source.write_text("".join(json.dumps({"id": f"doc{i}", "text": t}) + "\n" for i, t in enumerate([text, "a\nb"])))
+    out = tmp_path / "copies" / "train.jsonl"
+    assert main(["copies", "--input", str(source), "--output", str(out), "--max-lines", "5"]) == 0
+    assert "2 documents" in capsys.readouterr().out
+    doubled = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [d["id"] for d in doubled] == ["doc0", "doc1"]
+    assert doubled[1]["text"] in ("a\na\nb\nb\n", "a\nb\na\nb\n")
+    # Undo the doubling: each block is followed by itself, and the blocks put together are the file.
+    rest, blocks = doubled[0]["text"], []
+    while rest:
+        for n in range(1, 6):
+            block = "".join(rest.splitlines(keepends=True)[:n])
+            if rest.startswith(block + block):
+                blocks.append(block)
+                rest = rest[2 * len(block):]
+                break
+        else:
+            raise AssertionError(f"no block of 1-5 lines is doubled at {rest[:80]!r}")
+    assert "".join(blocks) == text and len(blocks) < text.count("\n") / 2
+    assert len(set(map(len, line_blocks(text, random.Random(0), 5)))) > 3  # lengths vary
+
+    before = out.read_bytes()
+    assert main(["copies", "--input", str(source), "--output", str(out), "--seed", "1"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["copies", "--input", str(source), "--output", str(source)]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert main(["copies", "--input", str(source), "--output", str(out), "--seed", "1", "--force"]) == 0
+    assert out.read_bytes() != before
 
 
 def test_every_flag_has_help():
