@@ -163,3 +163,16 @@ def test_data_of_another_tokenizer_is_refused_before_any_number(single_rank, dat
     assert len(message) == 1 and "error:" in message[0]
     assert str(saved / "tokenizer.model") in message[0] and "tokenizer.model" in message[0].split(other_tokenizer_data)[-1]
     assert "perplexity" not in captured.out and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("command", ["perplexity_cli", "recall", "inspect_retrieval"])
+def test_a_path_without_a_checkpoint_is_one_line_and_exit_2(command, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"megatron_memorizing.eval.{command}").main
+    (tmp_path / "checkpoints").mkdir()  # e.g. a run that has not saved yet
+    with pytest.raises(SystemExit) as exit:
+        main(["--checkpoint", str(tmp_path / "checkpoints")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no complete checkpoint" in err and "iter_*" in err

@@ -23,7 +23,7 @@ from megatron_memorizing.eval.loading import (
     add_checkpoint_arguments,
     evaluation_data,
     forward_logits,
-    load_checkpoint,
+    load_checkpoint_argument,
     token_losses,
 )
 
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--html", type=Path, help="HTML page to write (default: runs/eval/<run>/retrieval-<document>.html)")
     args = parser.parse_args(argv)
 
-    loaded = load_checkpoint(args.checkpoint, args.set, slots=1)
+    loaded = load_checkpoint_argument(args, parser, slots=1)
     data = evaluation_data(loaded, args.data, parser)
     inspection = inspect_document(loaded, data, args.document, args.top, args.neighbours)
     renderer = Renderer(load_tokenizer(dataset_tokenizer_path(data, read_manifest(data))), inspection.tokens, args.context)

@@ -72,6 +72,16 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser, data_help: str) ->
                         help="override a field of the checkpoint's config (repeatable)")
 
 
+def load_checkpoint_argument(args: argparse.Namespace, parser: argparse.ArgumentParser, slots: Optional[int]) -> LoadedModel:
+    """`load_checkpoint` of the command line's --checkpoint and --set; a path that holds no
+    checkpoint ends the command with one line saying so, not a traceback."""
+    try:
+        return load_checkpoint(args.checkpoint, args.set, slots=slots)
+    except FileNotFoundError as error:
+        parser.exit(2, f"{parser.prog}: error: --checkpoint {error}: pass a checkpoint directory written by "
+                       f"megatron-memorizing-train (its latest iteration is read) or one iter_* directory in it\n")
+
+
 def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots: Optional[int] = None) -> LoadedModel:
     """Build the checkpoint's model in this process (TP=PP=1) and load its weights.
 

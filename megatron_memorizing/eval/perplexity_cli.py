@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, read_manifest
-from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, evaluation_data, load_checkpoint
+from megatron_memorizing.eval.loading import (
+    LoadedModel,
+    add_checkpoint_arguments,
+    evaluation_data,
+    load_checkpoint,
+    load_checkpoint_argument,
+)
 from megatron_memorizing.eval.long_range import LongRangeTokens
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
@@ -174,7 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
-    loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
+    loaded = load_checkpoint_argument(args, parser, slots=args.slots)
     data = evaluation_data(loaded, args.data, parser)
     sizes = args.memory_sizes or [loaded.config.model.memory_size]
     segment = loaded.config.model.segment_length

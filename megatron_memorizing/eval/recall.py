@@ -24,7 +24,12 @@ import torch
 
 from data_tools.recall_task import DEFINE, QUERY, RecallSpec, fact_word
 from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, open_indexed_dataset, read_manifest
-from megatron_memorizing.eval.loading import add_checkpoint_arguments, evaluation_data, forward_logits, load_checkpoint
+from megatron_memorizing.eval.loading import (
+    add_checkpoint_arguments,
+    evaluation_data,
+    forward_logits,
+    load_checkpoint_argument,
+)
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
 
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="directory for recall.json and recall.png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
-    loaded = load_checkpoint(args.checkpoint, args.set, slots=args.slots)
+    loaded = load_checkpoint_argument(args, parser, slots=args.slots)
     model = loaded.config.model
     data = evaluation_data(loaded, args.data, parser)
     task = task_tokens(data)
