@@ -31,6 +31,10 @@ from megatron_memorizing.memory import KNNMemory
 from megatron_memorizing.segment_attention import SegmentAttention, state_device
 from megatron_memorizing.segment_cache import SegmentCache
 
+# The memory's own per-head parameters: the only ones a model may have that its checkpoint lacks
+# (a vanilla model given memory), and the ones optimizer.memory_scalars_lr_mult applies to.
+MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
+
 
 class KNNAttention(SegmentAttention):
     def __init__(

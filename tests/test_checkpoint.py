@@ -152,6 +152,10 @@ def test_resume_and_weights_refuse_another_model(single_rank, data, tmp_path):
     other = train_state(data, tmp_path / "checkpoints", memory_layers=(2,))
     with pytest.raises(CheckpointError, match=r"another model \(memory_layers: saved \[3\], now \[2\]\).*init_from"):
         Checkpointer(other.run_config.checkpoint).load(saved, other)
+    other = train_state(data, tmp_path / "checkpoints")
+    other.run_config.optimizer.memory_scalars_lr_mult = 10.0  # the optimizer's groups differ
+    with pytest.raises(CheckpointError, match=r"memory_scalars_lr_mult=1.0, now 10.0: .*parameter group.*init_from"):
+        Checkpointer(other.run_config.checkpoint).load(saved, other)
     wider = train_state(data, tmp_path / "checkpoints", vocab_size=2048)
     # A model of another shape cannot take the weights: init_from is not offered as the fix.
     with pytest.raises(CheckpointError, match=r"vocab_size: saved 1024, now 2048\).*from scratch") as refused:

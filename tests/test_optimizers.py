@@ -25,7 +25,8 @@ BACKEND_TOLERANCE = dict(rel=1e-5, abs=1e-5)
 @pytest.fixture(scope="module")
 def single_rank(tmp_path_factory):
     init = tmp_path_factory.mktemp("optim") / "init"
-    result = run_torchrun(SCRIPT, 1, ["--case", "deepspeed:1", "--case", "megatron", "--init-checkpoint", str(init)])
+    cases = ["deepspeed:1", "megatron", "deepspeed:1/10", "megatron/10"]
+    result = run_torchrun(SCRIPT, 1, [arg for case in cases for arg in ("--case", case)] + ["--init-checkpoint", str(init)])
     return init, result
 
 
@@ -36,6 +37,17 @@ def test_single_rank_backends_agree_and_clip(single_rank):
     assert deepspeed["grad_norms"] == pytest.approx(megatron["grad_norms"], **BACKEND_TOLERANCE)
     assert deepspeed["losses"] == pytest.approx(megatron["losses"], **BACKEND_TOLERANCE)
     assert deepspeed["losses"][0] != deepspeed["losses"][1]  # the weights moved
+
+
+@pytest.mark.parametrize("backend", ["deepspeed:1", "megatron"])
+def test_memory_scalars_lr_mult_speeds_only_the_memory_scalars(single_rank, backend):
+    _, result = single_rank
+    plain, faster = result[backend], result[f"{backend}/10"]
+    assert plain["memory_scalars_travel"] > 0
+    # Adam moves a parameter by about lr per step: ten times the rate, about ten times the distance.
+    assert 9 < faster["memory_scalars_travel"] / plain["memory_scalars_travel"] < 11
+    assert faster["other_travel"] == pytest.approx(plain["other_travel"], rel=0.01)
+    assert faster["losses"][0] == plain["losses"][0] and faster["losses"][-1] != plain["losses"][-1]
 
 
 def test_data_parallel_matches_single_rank_and_resumes_exactly(single_rank, tmp_path):

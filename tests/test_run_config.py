@@ -40,6 +40,7 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["training.memory_curriculum=[[0, 8192], [100, 1536]]"], "must both increase"),
         (["training.memory_curriculum=[[0, 16]]"], "below model.knn_top_k=32"),
         (["optimizer.min_lr=1.0"], "min_lr <= lr"),
+        (["optimizer.memory_scalars_lr_mult=0"], r"memory_scalars_lr_mult=0.0 must be > 0"),
         (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
         (["optimiser.lr=1e-3"], r"unknown config section\(s\) \['optimiser'\]"),
         (["training.stepz=10"], r"unknown field\(s\) \['stepz'\] in training"),

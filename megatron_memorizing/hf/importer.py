@@ -106,7 +106,7 @@ def read_weights(directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 def megatron_weights(hf_weights: dict, config: MemorizingConfig, expected: dict) -> dict:
     """`hf_weights` under Megatron's names, checked against the model's `expected` state dict:
     every tensor there and of its shape, except the memory parameters the import adds."""
-    from megatron_memorizing.training.checkpoint import MEMORY_PARAMETERS
+    from megatron_memorizing.knn_attention import MEMORY_PARAMETERS
 
     if config.share_embeddings_and_output_weights:
         hf_weights = {k: v for k, v in hf_weights.items() if k != "lm_head.weight"}

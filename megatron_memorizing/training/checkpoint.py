@@ -57,6 +57,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR, checkpoint_tokenizers
 from megatron_memorizing.data.tokenizer import file_sha256
+from megatron_memorizing.knn_attention import MEMORY_PARAMETERS
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.training.config import CheckpointConfig, RunConfig
 from patches.checkpoint_writer import tie_checkpoint_writer_to_this_process
@@ -72,8 +73,6 @@ _ITERATION = re.compile(r"iter_(\d{7,})")
 _TMP = ".tmp"
 # Carried from an imported model's checkpoint into every checkpoint trained from it.
 IMPORTED_FILES = (IMPORTED_TOKENIZER_DIR, IMPORTED_CONFIG_FILE)
-# Parameters of the memory itself: the only ones a model may have that its checkpoint lacks.
-MEMORY_PARAMETERS = ("gate_bias", "memory_log_scale")
 # Model fields that shape the parameters, the memory contents or the per-slot state; a resumed
 # run must agree on all of them.
 _RESUME_FIELDS = (
@@ -521,8 +520,22 @@ def _read_info(path: Path) -> dict:
     return info
 
 
+def _own_memory_scalars_group(run_config: RunConfig) -> bool:
+    """Whether the optimizer keeps the memory's scalars in a parameter group of their own."""
+    return run_config.optimizer.memory_scalars_lr_mult != 1.0 and bool(run_config.model.memory_layers)
+
+
 def _check_same_model(path: Path, run_config: RunConfig) -> None:
-    saved = RunConfig.load(path / "config.yaml").model.to_dict()
+    saved_config = RunConfig.load(path / "config.yaml")
+    if _own_memory_scalars_group(saved_config) != _own_memory_scalars_group(run_config):
+        raise CheckpointError(
+            f"{path} was saved with optimizer.memory_scalars_lr_mult={saved_config.optimizer.memory_scalars_lr_mult}, "
+            f"now {run_config.optimizer.memory_scalars_lr_mult}: the memory's scalars have an optimizer parameter "
+            f"group of their own only when it is not 1, so the saved optimizer state does not fit. Resume with "
+            f"{saved_config.optimizer.memory_scalars_lr_mult}, or start from its weights with "
+            f"checkpoint.init_from={path} and a fresh checkpoint.dir."
+        )
+    saved = saved_config.model.to_dict()
     mine = run_config.model.to_dict()
     changed = [name for name in _RESUME_FIELDS if saved[name] != mine[name]]
     if changed:

@@ -44,6 +44,11 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global gradient-norm clipping; 0 disables
+    # Learning-rate multiplier of the memory layers' per-head scalars (gate bias, memory logit
+    # scale), as Megatron-LM's lr_mult for a parameter group. Adam moves a parameter by about the
+    # learning rate per step, so at 1 these two per head cannot travel the ~1 (log scale) they
+    # need in a short run (docs/results.md, section 5); 10 lets them.
+    memory_scalars_lr_mult: float = 1.0
 
 
 @dataclass
@@ -111,6 +116,8 @@ class RunConfig:
             raise ConfigError(f"training.steps={training.steps} must be at least 1.")
         if opt.warmup_steps < 0 or opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
             raise ConfigError("optimizer: need warmup_steps >= 0 and 0 <= min_lr <= lr, lr > 0.")
+        if opt.memory_scalars_lr_mult <= 0:
+            raise ConfigError(f"optimizer.memory_scalars_lr_mult={opt.memory_scalars_lr_mult} must be > 0 (1: no change).")
         sizes = [size for _, size in training.memory_curriculum]
         steps = [step for step, _ in training.memory_curriculum]
         if steps != sorted(steps) or sizes != sorted(sizes):

@@ -45,10 +45,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
-from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer import ParamKey, get_megatron_optimizer, get_standard_config_overrides
 
 import patches
 from megatron_memorizing.config import ConfigError
+from megatron_memorizing.knn_attention import MEMORY_PARAMETERS
 from megatron_memorizing.training import deepspeed_mpu
 from megatron_memorizing.training.config import RunConfig
 
@@ -86,16 +87,33 @@ def build_optimizer(run_config: RunConfig, model_chunks: list[GPTModel]) -> Opti
     return MegatronBackend(run_config, model_chunks)
 
 
-def _adamw_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _adamw_param_groups(module: torch.nn.Module, weight_decay: float, memory_scalars_lr_mult: float) -> list[dict]:
     # Megatron-LM's rule, which get_megatron_optimizer applies itself: no decay on 1-d or bias.
-    decay, no_decay = [], []
+    # The memory's scalars get a group of their own only when their learning rate differs, so
+    # that runs without a multiplier keep the optimizer-state layout of their checkpoints.
+    decay, no_decay, memory_scalars = [], [], []
     for name, param in module.named_parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if memory_scalars_lr_mult != 1.0 and name.endswith(MEMORY_PARAMETERS):
+            memory_scalars.append(param)
+        else:
             (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if memory_scalars:
+        groups.append({"params": memory_scalars, "weight_decay": 0.0, "lr_mult": memory_scalars_lr_mult})
+    return groups
+
+
+def _memory_scalars_overrides(config: MegatronOptimizerConfig, lr_mult: float) -> dict:
+    """get_megatron_optimizer's standard parameter-group overrides, plus `lr_mult` on the memory's scalars."""
+    overrides = get_standard_config_overrides(config)
+    if lr_mult != 1.0:
+        overrides[ParamKey(name=tuple(f"*.{name}" for name in MEMORY_PARAMETERS))] = {"lr_mult": lr_mult}
+    return overrides
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,7 +129,7 @@ class DeepSpeedBackend:
         self.engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=torch.optim.AdamW(
-                _adamw_param_groups(module, opt.weight_decay),
+                _adamw_param_groups(module, opt.weight_decay, opt.memory_scalars_lr_mult),
                 lr=opt.lr,
                 betas=(opt.adam_beta1, opt.adam_beta2),
                 eps=opt.adam_eps,
@@ -137,7 +155,7 @@ class DeepSpeedBackend:
         self._open_reduction.close()  # the data-parallel reduction into ZeRO's partitions
         self._open_reduction = None
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         return StepResult(grad_norm=float(grad_norm), skipped=not self.engine.was_step_applied())
@@ -236,21 +254,23 @@ class MegatronBackend:
         for chunk in model_chunks:
             chunk.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             chunk.config.finalize_model_grads_func = finalize_model_grads
+        megatron_config = MegatronOptimizerConfig(
+            optimizer="adam",
+            lr=opt.lr,
+            min_lr=opt.min_lr,
+            weight_decay=opt.weight_decay,
+            adam_beta1=opt.adam_beta1,
+            adam_beta2=opt.adam_beta2,
+            adam_eps=opt.adam_eps,
+            clip_grad=opt.clip_grad,
+            bf16=model.bf16,
+            params_dtype=torch.bfloat16 if model.bf16 else torch.float32,
+            use_distributed_optimizer=False,
+        )
         self.optimizer = get_megatron_optimizer(
-            MegatronOptimizerConfig(
-                optimizer="adam",
-                lr=opt.lr,
-                min_lr=opt.min_lr,
-                weight_decay=opt.weight_decay,
-                adam_beta1=opt.adam_beta1,
-                adam_beta2=opt.adam_beta2,
-                adam_eps=opt.adam_eps,
-                clip_grad=opt.clip_grad,
-                bf16=model.bf16,
-                params_dtype=torch.bfloat16 if model.bf16 else torch.float32,
-                use_distributed_optimizer=False,
-            ),
+            megatron_config,
             self.model_chunks,
+            config_overrides=_memory_scalars_overrides(megatron_config, opt.memory_scalars_lr_mult),
         )
         # Megatron-LM's LR scheduler applies `wd_mult` (0 for biases and 1-d parameters) at every
         # step; without it every group would keep the full weight decay it was built with.

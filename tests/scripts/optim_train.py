@@ -21,6 +21,7 @@ from megatron.core import dist_checkpointing, parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`
 
+from megatron_memorizing.knn_attention import MEMORY_PARAMETERS  # noqa: E402
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
@@ -81,6 +82,8 @@ def global_mean(step_loss) -> float:
 
 
 def run_config_for(case: str, args) -> RunConfig:
+    """`case` is BACKEND[:STAGE][/MULT]: MULT, the memory scalars' learning-rate multiplier."""
+    case, _, lr_mult = case.partition("/")
     backend, _, stage = case.partition(":")
     model = tiny_config(
         tensor_model_parallel_size=args.tp,
@@ -91,17 +94,33 @@ def run_config_for(case: str, args) -> RunConfig:
         share_embeddings_and_output_weights=True,
     )
     optimizer = OptimizerConfig(
-        backend=backend, zero_stage=int(stage or 1), lr=LEARNING_RATE, min_lr=0.0, clip_grad=CLIP_GRAD
+        backend=backend, zero_stage=int(stage or 1), lr=LEARNING_RATE, min_lr=0.0, clip_grad=CLIP_GRAD,
+        memory_scalars_lr_mult=float(lr_mult or 1),
     )
     return RunConfig(model=model, optimizer=optimizer, training=TrainingConfig(steps=STEPS))
+
+
+def travel_start(model) -> dict:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.ndim == 1}
+
+
+def travel(model, before: dict) -> dict:
+    """Mean distance this rank's memory scalars and other 1-d parameters moved, per element."""
+    moved = {"memory_scalars_travel": [], "other_travel": []}
+    for name, p in model.named_parameters():
+        if name in before:
+            kind = "memory_scalars_travel" if name.endswith(MEMORY_PARAMETERS) else "other_travel"
+            moved[kind].append((p.detach() - before[name]).abs().flatten())
+    return {kind: torch.cat(values).mean().item() for kind, values in moved.items()}
 
 
 def run_case(case: str, args, batches) -> dict:
     run_config = run_config_for(case, args)
     run = Run(run_config, Path(args.init_checkpoint))
     if args.resume_at is None:
+        before = travel_start(run.model)
         losses, norms = run.train(batches)
-        return {"losses": losses, "grad_norms": norms}
+        return {"losses": losses, "grad_norms": norms, **travel(run.model, before)}
 
     saved = Path(args.work_dir) / case.replace(":", "")
     losses, norms = run.train(batches[: args.resume_at])
@@ -126,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--case", action="append", required=True, help="megatron, or deepspeed:STAGE")
+    parser.add_argument("--case", action="append", required=True, help="megatron or deepspeed:STAGE, then /MULT for a memory scalars lr_mult")
     parser.add_argument("--resume-at", type=int, help="save after this step, reload, replay the rest")
     parser.add_argument("--work-dir", help="where --resume-at saves (shared by all ranks)")
     parser.add_argument("--init-checkpoint", required=True, help="written if absent, else loaded")
