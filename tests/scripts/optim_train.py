@@ -105,13 +105,14 @@ def travel_start(model) -> dict:
 
 
 def travel(model, before: dict) -> dict:
-    """Mean distance this rank's memory scalars and other 1-d parameters moved, per element."""
+    """Mean distance this rank's memory scalars and other 1-d parameters moved, per element
+    (None for a kind this rank holds none of: a pipeline stage without a memory layer)."""
     moved = {"memory_scalars_travel": [], "other_travel": []}
     for name, p in model.named_parameters():
         if name in before:
             kind = "memory_scalars_travel" if name.endswith(MEMORY_PARAMETERS) else "other_travel"
             moved[kind].append((p.detach() - before[name]).abs().flatten())
-    return {kind: torch.cat(values).mean().item() for kind, values in moved.items()}
+    return {kind: torch.cat(values).mean().item() if values else None for kind, values in moved.items()}
 
 
 def run_case(case: str, args, batches) -> dict:
