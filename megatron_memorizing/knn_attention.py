@@ -28,7 +28,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_memorizing.memory import KNNMemory
-from megatron_memorizing.segment_attention import SegmentAttention, state_device
+from megatron_memorizing.segment_attention import SegmentAttention, local_attention_logits, state_device
 from megatron_memorizing.segment_cache import SegmentCache
 
 # The memory's own per-head parameters: the only ones a model may have that its checkpoint lacks
@@ -131,19 +131,9 @@ class KNNAttention(SegmentAttention):
         return mixed.permute(2, 0, 1, 3).reshape(s, b, h * d).to(local.dtype)
 
     def _local_logsumexp(self, query, key, attention_mask) -> torch.Tensor:
-        """logsumexp of local attention's logits per query [b, h, s, 1], computed as stock core
-        attention computes them: scaled dot products of the rotated query and keys, causal within
-        the segment; with an XL cache of inputs the keys are [previous; current] and
-        `attention_mask` says which of them a query sees."""
-        s, h = query.shape[0], query.shape[2]
-        if self.groups_per_partition != h:
-            key = key.repeat_interleave(h // self.groups_per_partition, dim=2)
-        logits = torch.einsum("sbhd,tbhd->bhst", query.float(), key.float()) * self.local_softmax_scale
-        if key.shape[0] == s:
-            masked = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
-        else:
-            masked = attention_mask
-        return torch.logsumexp(logits.masked_fill(masked, float("-inf")), dim=-1, keepdim=True)
+        """logsumexp of local attention's logits per query [b, h, s, 1]."""
+        logits = local_attention_logits(query, key, attention_mask, self.local_softmax_scale)
+        return torch.logsumexp(logits, dim=-1, keepdim=True)
 
     @torch.no_grad()
     def _statistics(self, retrieved) -> dict[str, torch.Tensor]:

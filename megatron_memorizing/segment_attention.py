@@ -154,3 +154,21 @@ def cache_then_causal_mask(filled: torch.Tensor, cached: int, length: int) -> to
     cache = (~filled)[:, None, None, None].expand(b, 1, length, cached)
     causal = torch.ones(length, length, dtype=torch.bool, device=filled.device).triu(1)
     return torch.cat([cache, causal.expand(b, 1, length, length)], dim=-1)
+
+
+def local_attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                           scale: float) -> torch.Tensor:
+    """Local attention's logits [b, h, s, t] as stock core attention computes them from its inputs
+    (query [s, b, h, d], key [t, b, g, d]): scaled dot products, -inf where a query may not look.
+    Keys as many as the queries are one segment, seen causally; more keys carry an XL cache in
+    front, and `attention_mask` ([b, 1, s, t], True = masked) says which of them a query sees."""
+    s, h = query.shape[0], query.shape[2]
+    if key.shape[2] != h:  # grouped-query attention: each group's key serves h / g query heads
+        key = key.repeat_interleave(h // key.shape[2], dim=2)
+    logits = torch.einsum("sbhd,tbhd->bhst", query.float(), key.float()) * scale
+    if key.shape[0] == s:
+        masked = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+    else:
+        masked = attention_mask
+    return logits.masked_fill(masked, float("-inf"))
+

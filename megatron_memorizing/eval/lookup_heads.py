@@ -1,0 +1,218 @@
+"""Which attention heads look things up: the lookup (induction) score of every head.
+
+At a token whose last n tokens occurred earlier in the segment, a head that *looks up* attends to
+the token that followed that earlier occurrence: what came next last time, the token to copy
+next. Its score is the attention it gives that one token, averaged over every such query (a
+head attending uniformly scores about 1 / the query's position). Models that copy from their
+context grow a few heads with high scores, in one or two layers.
+
+A memory layer extends local attention beyond the segment, so it pays where its heads do this
+lookup: put the memory in the layer with the lookup heads (`model.memory_layers`), for example
+on a pretrained or warmed-up checkpoint before memory training starts.
+
+    python -m megatron_memorizing.eval.lookup_heads --checkpoint runs/tiny-cpu/checkpoints --segments 48
+
+Reads local attention only (the memory layer's retrieval is not part of the score), computed from
+the query and keys each layer's stock core attention receives, as that attention computes it.
+Writes a table to the terminal and lookup_heads.json / lookup_heads.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from megatron_memorizing.data import Batch, DocumentStream
+from megatron_memorizing.eval.loading import (
+    LoadedModel,
+    add_checkpoint_arguments,
+    evaluation_data,
+    forward_logits,
+    load_checkpoint_argument,
+)
+from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
+from megatron_memorizing.segment_attention import SegmentAttention, local_attention_logits
+
+
+def lookup_targets(tokens: list[int], n: int) -> list[int]:
+    """For each position i of a segment, the position right after the latest earlier end j < i of
+    the n tokens ending at i (the token to copy next), or -1 where they did not occur before."""
+    last_end: dict[tuple, int] = {}
+    targets = [-1] * len(tokens)
+    for i in range(n - 1, len(tokens)):
+        gram = tuple(tokens[i - n + 1 : i + 1])
+        if gram in last_end:
+            targets[i] = last_end[gram] + 1
+        last_end[gram] = i
+    return targets
+
+
+@dataclass
+class LookupScores:
+    layers: list[int]  # global layer numbers, 1-based
+    scores: torch.Tensor  # [layers, heads]: mean attention to the token to copy next
+    queries: int  # tokens whose n-gram occurred earlier in their segment (the mean's count)
+    n: int
+
+    def lookup_heads(self, threshold: float) -> dict[int, list[int]]:
+        """Layer -> its heads (1-based) scoring at least `threshold`."""
+        heads = {}
+        for row, layer in enumerate(self.layers):
+            found = [h + 1 for h, score in enumerate(self.scores[row].tolist()) if score >= threshold]
+            if found:
+                heads[layer] = found
+        return heads
+
+
+def stock_core_attentions(model_chunks: list[torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """Layer number -> the stock core attention that computes its local attention (inside the
+    plugin's SegmentAttention / KNNAttention where the layer has one)."""
+    found = {}
+    for chunk in model_chunks:
+        for layer in chunk.decoder.layers:
+            core = layer.self_attention.core_attention
+            found[layer.layer_number] = core.local_attention if isinstance(core, SegmentAttention) else core
+    return found
+
+
+def softmax_scale(core_attention: torch.nn.Module) -> float:
+    """The scale stock core attention gives its logits (DotProductAttention and Transformer
+    Engine's both keep it as `softmax_scale`)."""
+    scale = getattr(core_attention, "softmax_scale", None)
+    if scale is None:
+        raise TypeError(f"{type(core_attention).__name__} keeps no softmax_scale: cannot read its attention")
+    return float(scale)
+
+
+@contextlib.contextmanager
+def recorded_attention(model_chunks: list[torch.nn.Module]) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """While open, the returned dict collects each layer's local attention probabilities
+    [b, h, s, t] of every forward pass, in order (t = s, or cache + s with an XL cache); the
+    caller empties it when it has read them."""
+    probabilities: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for number, core in stock_core_attentions(model_chunks).items():
+        def record(module, args, kwargs, number=number, scale=softmax_scale(core)):
+            query, key = args[0], args[1]
+            mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
+            probs = torch.softmax(local_attention_logits(query, key, mask, scale), dim=-1)
+            probabilities.setdefault(number, []).append(probs)
+
+        handles.append(core.register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        yield probabilities
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> LookupScores:
+    """Stream `batches` (segments, one document per slot) through the model as in training, memory
+    read and written, and average per layer and head the attention each query whose n tokens
+    occurred earlier in its segment gives its token to copy."""
+    totals, queries = None, 0
+    with recorded_attention(loaded.model_chunks) as probabilities:
+        for batch in batches:
+            forward_logits(loaded.model_chunks, loaded.memories, batch)
+            loaded.memories.commit()
+            layers = sorted(probabilities)
+            per_layer = [torch.cat(probabilities.pop(layer)) for layer in layers]  # every micro-batch's slots
+            if totals is None:
+                totals = torch.zeros(len(layers), per_layer[0].shape[1], dtype=torch.float64)
+            for slot in range(batch.tokens.shape[0]):
+                length = int(batch.loss_mask[slot].sum())
+                targets = torch.tensor(lookup_targets(batch.tokens[slot, :length].tolist(), n), dtype=torch.int64)
+                rows = torch.nonzero(targets >= 0).flatten()
+                queries += len(rows)
+                for index, layer_probs in enumerate(per_layer):
+                    probs = layer_probs[slot]  # [h, s, t]
+                    cached = probs.shape[-1] - probs.shape[-2]  # XL cache columns come first
+                    totals[index] += probs[:, rows, cached + targets[rows]].double().sum(dim=-1)
+    if not queries:
+        raise ValueError(f"no {n} tokens repeat inside a segment of what was read: read more segments, or lower n")
+    return LookupScores(layers, (totals / queries).float(), queries, n)
+
+
+def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str) -> Path:
+    heads = scores.scores.shape[1]
+    figure, axes = new_figure(1.6 + 0.9 * heads, 1.4 + 0.5 * len(scores.layers))
+    image = axes.imshow(scores.scores.numpy(), vmin=0, vmax=max(0.1, float(scores.scores.max())), cmap="viridis",
+                        aspect="auto", origin="lower")
+    axes.set_xticks(range(heads), [str(h + 1) for h in range(heads)])
+    axes.set_yticks(range(len(scores.layers)),
+                    [f"{layer}{' (memory)' if layer in memory_layers else ''}" for layer in scores.layers])
+    axes.set_xlabel("head")
+    axes.set_ylabel("layer")
+    for row in range(len(scores.layers)):
+        for head in range(heads):
+            axes.text(head, row, f"{float(scores.scores[row, head]):.2f}", ha="center", va="center", color="w", fontsize=8)
+    figure.colorbar(image, ax=axes, label="attention to the token to copy")
+    axes.set_title(title, fontsize=9)
+    return save_figure(figure, path)
+
+
+def advice(scores: LookupScores, memory_layers: list[int], threshold: float) -> str:
+    heads = scores.lookup_heads(threshold)
+    if not heads:
+        return (f"no head scores >= {threshold}: this model does not copy from its context yet, and a memory has no "
+                f"lookup to extend (train it longer, or warm it up on repeated text: docs/results.md section 5)")
+    where = "; ".join(f"layer {layer} heads {', '.join(map(str, found))}" for layer, found in heads.items())
+    layers = sorted(heads)
+    verdict = ("the memory is in a lookup layer" if set(memory_layers) & set(layers)
+               else f"no memory layer is among them: put the memory there (--set \"model.memory_layers={layers}\")")
+    return f"lookup heads (score >= {threshold}): {where}; {verdict}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.lookup_heads", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser, "dataset prefix to read")
+    parser.add_argument("--segments", type=int, default=48, help="segments per slot to read (default 48)")
+    parser.add_argument("--n", type=int, default=4, help="a query counts when the N tokens ending at it occurred "
+                                                         "earlier in the segment (default 4)")
+    parser.add_argument("--threshold", type=float, default=0.2,
+                        help="score from which a head is called a lookup head (default 0.2)")
+    parser.add_argument("--out", type=Path, help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
+    args = parser.parse_args(argv)
+    if args.segments < 1 or args.n < 1:
+        parser.error(f"--segments and --n must be at least 1 (got {args.segments} and {args.n})")
+
+    loaded = load_checkpoint_argument(args, parser, slots=None)
+    data = evaluation_data(loaded, args.data, parser)
+    model = loaded.config.model
+    stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
+    try:
+        scores = score_heads(loaded, itertools.islice(stream, args.segments), args.n)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error} (--segments, --n)\n")
+    memory_layers = list(loaded.config.model.memory_layers)
+    heads = scores.scores.shape[1]
+    print(f"{loaded.path} on {data}: attention to the token to copy, {scores.queries:,} queries whose "
+          f"{args.n} tokens occurred earlier in their segment")
+    print(table(["layer", *[f"head {h + 1}" for h in range(heads)]],
+                [[f"{layer}{' (memory)' if layer in memory_layers else ''}",
+                  *[f"{float(s):.3f}" for s in scores.scores[row]]] for row, layer in enumerate(scores.layers)]))
+    print(advice(scores, memory_layers, args.threshold))
+
+    out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
+    summary = {
+        "checkpoint": str(loaded.path), "data": data, "n": args.n, "queries": scores.queries,
+        "memory_layers": memory_layers, "threshold": args.threshold,
+        "scores": {str(layer): scores.scores[row].tolist() for row, layer in enumerate(scores.layers)},
+        "lookup_heads": {str(layer): found for layer, found in scores.lookup_heads(args.threshold).items()},
+    }
+    print(f"\nwrote {write_json(out / 'lookup_heads.json', summary)}")
+    title = f"{loaded.path.parent.parent.name} step {loaded.step}: lookup score per head"
+    print(f"wrote {plot(scores, memory_layers, out / 'lookup_heads.png', title)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
