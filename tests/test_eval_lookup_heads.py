@@ -54,8 +54,8 @@ def repeating_batches(steps: int, model: LoadedModel):
     return document_batches(steps, config.memory_slots, config.segment_length, vocab=4)
 
 
-@pytest.mark.parametrize("variant", [{}, {"xl_cache": True}, {"xl_cache": True, "xl_cache_contents": "inputs"}],
-                         ids=["memory", "xl-keys", "xl-inputs"])
+@pytest.mark.parametrize("variant", [{}, {"xl_cache": True}, {"xl_cache": True, "xl_cache_contents": "keys_values"}],
+                         ids=["memory", "xl-inputs", "xl-keys-values"])
 def test_recorded_attention_is_what_every_layer_attends_with(single_rank, variant):
     """Probabilities times values give each layer's stock core attention output exactly: memory
     layer, plain layers and an XL cache (second segment onwards) alike, over two micro-batches."""
