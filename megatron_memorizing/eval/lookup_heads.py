@@ -143,8 +143,8 @@ def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> Lo
 def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str) -> Path:
     heads = scores.scores.shape[1]
     figure, axes = new_figure(1.6 + 0.9 * heads, 1.4 + 0.5 * len(scores.layers))
-    image = axes.imshow(scores.scores.numpy(), vmin=0, vmax=max(0.1, float(scores.scores.max())), cmap="viridis",
-                        aspect="auto", origin="lower")
+    # One scale for every checkpoint (a score is a probability), so plots of a run compare by eye.
+    image = axes.imshow(scores.scores.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
     axes.set_xticks(range(heads), [str(h + 1) for h in range(heads)])
     axes.set_yticks(range(len(scores.layers)),
                     [f"{layer}{' (memory)' if layer in memory_layers else ''}" for layer in scores.layers])
@@ -152,7 +152,8 @@ def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str)
     axes.set_ylabel("layer")
     for row in range(len(scores.layers)):
         for head in range(heads):
-            axes.text(head, row, f"{float(scores.scores[row, head]):.2f}", ha="center", va="center", color="w", fontsize=8)
+            score = float(scores.scores[row, head])
+            axes.text(head, row, f"{score:.2f}", ha="center", va="center", color="k" if score > 0.6 else "w", fontsize=8)
     figure.colorbar(image, ax=axes, label="attention to the token to copy")
     axes.set_title(title, fontsize=9)
     return save_figure(figure, path)
