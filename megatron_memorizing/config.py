@@ -1,4 +1,6 @@
-"""One validated dataclass describes a memorizing GPT: the transformer, the kNN memory and the layout.
+"""One validated dataclass describes a memorizing GPT, composed of three parts: the transformer
+architecture (what a stock Megatron GPT would be), the memory settings (what the plugin adds) and
+the execution layout (parallelism, slots, precision: how it is run).
 
 Everything Megatron-Core needs is derived from it (`transformer_config()`), so a model, its
 checkpoint and its export can never disagree about, say, which layer has memory.
@@ -76,8 +78,9 @@ _POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
 
 
 @dataclass
-class MemorizingConfig:
-    # --- transformer -------------------------------------------------------------------------
+class TransformerArchitecture:
+    """The network a stock Megatron-Core GPT would be: what the weights are and what they compute."""
+
     num_layers: int = 12
     hidden_size: int = 1024
     num_attention_heads: int = 8
@@ -102,11 +105,38 @@ class MemorizingConfig:
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
     share_embeddings_and_output_weights: bool = True
-    bf16: bool = False
-    # "none", "selective" (core attention only) or "full" (whole layers, uniform)
-    recompute: str = "none"
 
-    # --- memory --------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def validate_architecture(self) -> None:
+        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}: change one of them or set kv_channels explicitly."
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ConfigError(f"num_query_groups={groups} must divide num_attention_heads={self.num_attention_heads}.")
+        if self.position_embedding_type not in _POSITION_EMBEDDINGS:
+            raise ConfigError(
+                f"position_embedding_type={self.position_embedding_type!r}: use one of "
+                f"{list(_POSITION_EMBEDDINGS)}. (The paper's T5 relative bias is not supported yet.)"
+            )
+        if self.activation not in _ACTIVATIONS:
+            raise ConfigError(f"activation={self.activation!r}: use one of {sorted(_ACTIVATIONS)}.")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ConfigError(f"normalization={self.normalization!r}: use 'LayerNorm' or 'RMSNorm'.")
+        if self.segment_length < 1:
+            raise ConfigError(f"segment_length={self.segment_length} must be positive.")
+
+
+@dataclass
+class MemorySettings:
+    """What the plugin adds to the network: which layers read a kNN memory, how large it is, how it
+    is searched and mixed in; and the Transformer-XL cache of the previous segment."""
+
     # 1-based global layer numbers with kNN memory; None -> the layer at 3/4 depth (the paper's 9 of 12);
     # an empty tuple builds a vanilla model (the same checkpoint layout without memory parameters).
     memory_layers: Optional[tuple[int, ...]] = None
@@ -128,7 +158,43 @@ class MemorizingConfig:
     # same outputs for the same weights.
     xl_cache_contents: str = "inputs"
 
-    # --- layout ---------------------------------------------------------------------------------
+    @property
+    def torch_memory_dtype(self) -> torch.dtype:
+        return _MEMORY_DTYPES[self.memory_dtype]
+
+    def has_memory(self, layer_number: int) -> bool:
+        return layer_number in self.memory_layers
+
+    def validate_memory(self) -> None:
+        if self.memory_layers:
+            if self.memory_size < 1:
+                raise ConfigError(f"memory_size={self.memory_size} must be positive (the paper uses 1536 to 262144).")
+            if not 1 <= self.knn_top_k <= self.memory_size:
+                raise ConfigError(
+                    f"knn_top_k={self.knn_top_k} must be between 1 and memory_size={self.memory_size}: "
+                    f"a query cannot retrieve more pairs than the memory holds."
+                )
+        if self.memory_dtype not in _MEMORY_DTYPES:
+            raise ConfigError(f"memory_dtype={self.memory_dtype!r}: use one of {sorted(_MEMORY_DTYPES)}.")
+        if self.memory_backend not in ("torch", "faiss"):
+            raise ConfigError(f"memory_backend={self.memory_backend!r}: use 'torch' or 'faiss'.")
+        if self.memory_search_chunk < 1:
+            raise ConfigError(f"memory_search_chunk={self.memory_search_chunk} must be positive.")
+        if self.xl_cache_contents not in ("keys_values", "inputs"):
+            raise ConfigError(f"xl_cache_contents={self.xl_cache_contents!r}: use 'keys_values' or 'inputs'.")
+        if self.memory_mixing not in ("gate", "softmax"):
+            raise ConfigError(f"memory_mixing={self.memory_mixing!r}: use 'gate' or 'softmax'.")
+        if self.memory_mixing == "softmax" and self.xl_cache and self.xl_cache_contents == "keys_values":
+            raise ConfigError(
+                "memory_mixing='softmax' needs the XL cache of inputs (xl_cache_contents: inputs) or no XL cache."
+            )
+
+
+@dataclass
+class ExecutionLayout:
+    """How a step is spread over ranks and memory slots, and computed: parallelism, batch layout,
+    precision, recompute. None of it changes what the model is."""
+
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: Optional[int] = None
@@ -136,6 +202,32 @@ class MemorizingConfig:
     sequence_parallel: bool = False
     micro_batch_size: int = 1  # sequences (= memory slots) per micro-batch, per data-parallel rank
     num_micro_batches: int = 1  # micro-batches per step; each has its own memory slots
+    bf16: bool = False
+    # "none", "selective" (core attention only) or "full" (whole layers, uniform)
+    recompute: str = "none"
+
+    @property
+    def memory_slots(self) -> int:
+        """Slots each rank's memory holds: one per sequence of every micro-batch of a step."""
+        return self.micro_batch_size * self.num_micro_batches
+
+    def validate_layout(self) -> None:
+        if self.context_parallel_size != 1:
+            raise ConfigError(
+                f"context_parallel_size={self.context_parallel_size} is not supported: kNN attention "
+                f"searches a memory of whole past segments, which context parallelism would split "
+                f"across ranks. Set context_parallel_size=1 and use tensor/pipeline/data parallelism."
+            )
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"recompute={self.recompute!r}: use 'none', 'selective' or 'full'.")
+        if self.micro_batch_size < 1 or self.num_micro_batches < 1:
+            raise ConfigError("micro_batch_size and num_micro_batches must be at least 1.")
+
+
+@dataclass
+class MemorizingConfig(ExecutionLayout, MemorySettings, TransformerArchitecture):
+    """A memorizing GPT: its architecture, its memory and how it is run, one flat set of fields
+    (the run config's `model:` section), checked together."""
 
     # Extra TransformerConfig fields, passed through untouched (e.g. {"masked_softmax_fusion": True}).
     transformer_overrides: dict = field(default_factory=dict)
@@ -146,38 +238,21 @@ class MemorizingConfig:
         self.memory_layers = tuple(sorted(set(int(n) for n in self.memory_layers)))
         self.validate()
 
-    # ---------------------------------------------------------------------------------------------
-    @property
-    def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
-
-    @property
-    def memory_slots(self) -> int:
-        """Slots each rank's memory holds: one per sequence of every micro-batch of a step."""
-        return self.micro_batch_size * self.num_micro_batches
-
-    @property
-    def torch_memory_dtype(self) -> torch.dtype:
-        return _MEMORY_DTYPES[self.memory_dtype]
-
     @property
     def local_attention_span(self) -> int:
         """Tokens a query may attend to locally: its segment, and the previous one with the XL cache."""
         return self.segment_length * (2 if self.xl_cache else 1)
 
-    def has_memory(self, layer_number: int) -> bool:
-        return layer_number in self.memory_layers
-
     def validate(self) -> None:
+        """Each part's own checks, then those that tie them together."""
+        self.validate_architecture()
+        self.validate_memory()
+        self.validate_layout()
+
         def fail(message: str):
             raise ConfigError(message)
 
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
-            fail(
-                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                f"{self.num_attention_heads}: change one of them or set kv_channels explicitly."
-            )
         if self.num_attention_heads % tp:
             fail(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
@@ -190,7 +265,7 @@ class MemorizingConfig:
                 f"tensor-parallel rank holds an equal slice of the embeddings. Pad the vocabulary to a multiple of {tp}."
             )
         groups = self.num_query_groups or self.num_attention_heads
-        if self.num_attention_heads % groups or groups % tp:
+        if groups % tp:
             fail(
                 f"num_query_groups={groups} must divide num_attention_heads="
                 f"{self.num_attention_heads} and be divisible by tensor_model_parallel_size={tp}."
@@ -206,46 +281,17 @@ class MemorizingConfig:
                 f"virtual_pipeline_model_parallel_size={vpp} needs pipeline_model_parallel_size >= 2 "
                 f"and num_layers divisible by pp*vpp={pp * vpp} (num_layers={self.num_layers})."
             )
-        if self.context_parallel_size != 1:
-            fail(
-                f"context_parallel_size={self.context_parallel_size} is not supported: kNN attention "
-                f"searches a memory of whole past segments, which context parallelism would split "
-                f"across ranks. Set context_parallel_size=1 and use tensor/pipeline/data parallelism."
-            )
         bad = [n for n in self.memory_layers if not 1 <= n <= self.num_layers]
         if bad:
             fail(
                 f"memory_layers={list(self.memory_layers)} contains {bad}, outside 1..{self.num_layers} "
                 f"(layer numbers are 1-based); the paper puts memory at layer 9 of 12."
             )
-        if self.memory_layers:
-            if self.memory_size < 1:
-                fail(f"memory_size={self.memory_size} must be positive (the paper uses 1536 to 262144).")
-            if not 1 <= self.knn_top_k <= self.memory_size:
-                fail(
-                    f"knn_top_k={self.knn_top_k} must be between 1 and memory_size={self.memory_size}: "
-                    f"a query cannot retrieve more pairs than the memory holds."
-                )
-        if self.memory_dtype not in _MEMORY_DTYPES:
-            fail(f"memory_dtype={self.memory_dtype!r}: use one of {sorted(_MEMORY_DTYPES)}.")
-        if self.memory_backend not in ("torch", "faiss"):
-            fail(f"memory_backend={self.memory_backend!r}: use 'torch' or 'faiss'.")
-        if self.memory_search_chunk < 1:
-            fail(f"memory_search_chunk={self.memory_search_chunk} must be positive.")
-        if self.position_embedding_type not in _POSITION_EMBEDDINGS:
-            fail(
-                f"position_embedding_type={self.position_embedding_type!r}: use one of "
-                f"{list(_POSITION_EMBEDDINGS)}. (The paper's T5 relative bias is not supported yet.)"
-            )
         if self.xl_cache and self.position_embedding_type == "learned_absolute":
             fail(
                 "xl_cache=True needs relative positions: the cached segment has no absolute position "
                 "in the current one. Use position_embedding_type='rope' (or 'none')."
             )
-        if self.activation not in _ACTIVATIONS:
-            fail(f"activation={self.activation!r}: use one of {sorted(_ACTIVATIONS)}.")
-        if self.normalization not in ("LayerNorm", "RMSNorm"):
-            fail(f"normalization={self.normalization!r}: use 'LayerNorm' or 'RMSNorm'.")
         span = self.local_attention_span
         if self.sliding_window is not None and span > self.sliding_window:
             fail(
@@ -257,18 +303,6 @@ class MemorizingConfig:
         first_class = sorted(set(self.transformer_overrides) & {f.name for f in dataclasses.fields(self)})
         if first_class:
             fail(f"transformer_overrides sets {first_class}, which are model fields: set them as model.<field>.")
-        if self.xl_cache_contents not in ("keys_values", "inputs"):
-            fail(f"xl_cache_contents={self.xl_cache_contents!r}: use 'keys_values' or 'inputs'.")
-        if self.memory_mixing not in ("gate", "softmax"):
-            fail(f"memory_mixing={self.memory_mixing!r}: use 'gate' or 'softmax'.")
-        if self.memory_mixing == "softmax" and self.xl_cache and self.xl_cache_contents == "keys_values":
-            fail("memory_mixing='softmax' needs the XL cache of inputs (xl_cache_contents: inputs) or no XL cache.")
-        if self.recompute not in ("none", "selective", "full"):
-            fail(f"recompute={self.recompute!r}: use 'none', 'selective' or 'full'.")
-        if self.micro_batch_size < 1 or self.num_micro_batches < 1:
-            fail("micro_batch_size and num_micro_batches must be at least 1.")
-        if self.segment_length < 1:
-            fail(f"segment_length={self.segment_length} must be positive.")
 
     # ---------------------------------------------------------------------------------------------
     def transformer_config(self) -> TransformerConfig:
