@@ -171,4 +171,3 @@ def local_attention_logits(query: torch.Tensor, key: torch.Tensor, attention_mas
     else:
         masked = attention_mask
     return logits.masked_fill(masked, float("-inf"))
-
