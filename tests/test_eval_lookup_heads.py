@@ -16,7 +16,7 @@ from megatron_memorizing.eval.lookup_heads import (
     LookupScores,
     advice,
     lookup_targets,
-    recorded_attention,
+    attention_probabilities,
     score_heads,
     stock_core_attentions,
 )
@@ -56,7 +56,7 @@ def repeating_batches(steps: int, model: LoadedModel):
 
 @pytest.mark.parametrize("variant", [{}, {"xl_cache": True}, {"xl_cache": True, "xl_cache_contents": "keys_values"}],
                          ids=["memory", "xl-inputs", "xl-keys-values"])
-def test_recorded_attention_is_what_every_layer_attends_with(single_rank, variant):
+def test_the_probabilities_are_what_every_layer_attends_with(single_rank, variant):
     """Probabilities times values give each layer's stock core attention output exactly: memory
     layer, plain layers and an XL cache (second segment onwards) alike, over two micro-batches."""
     model = loaded(**variant)
@@ -70,7 +70,8 @@ def test_recorded_attention_is_what_every_layer_attends_with(single_rank, varian
     handles = [core.register_forward_hook(keep(number), with_kwargs=True)
                for number, core in stock_core_attentions(model.model_chunks).items()]
     try:
-        with recorded_attention(model.model_chunks) as probabilities:
+        probabilities = {}
+        with attention_probabilities(model.model_chunks, lambda n, p: probabilities.setdefault(n, []).append(p)):
             for batch in repeating_batches(3, model):
                 forward_logits(model.model_chunks, model.memories, batch)
                 model.memories.commit()

@@ -24,7 +24,7 @@ import contextlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -91,22 +91,20 @@ def softmax_scale(core_attention: torch.nn.Module) -> float:
 
 
 @contextlib.contextmanager
-def recorded_attention(model_chunks: list[torch.nn.Module]) -> Iterator[dict[int, list[torch.Tensor]]]:
-    """While open, the returned dict collects each layer's local attention probabilities
-    [b, h, s, t] of every forward pass, in order (t = s, or cache + s with an XL cache); the
-    caller empties it when it has read them."""
-    probabilities: dict[int, list[torch.Tensor]] = {}
+def attention_probabilities(model_chunks: list[torch.nn.Module], consume: Callable[[int, torch.Tensor], None]):
+    """While open, every forward pass calls `consume(layer_number, probabilities)` for each layer,
+    with its local attention probabilities [b, h, s, t] (t = s, or cache + s with an XL cache),
+    micro-batch after micro-batch. Nothing is kept: a large model's attention maps would not fit."""
     handles = []
     for number, core in stock_core_attentions(model_chunks).items():
-        def record(module, args, kwargs, number=number, scale=softmax_scale(core)):
+        def hook(module, args, kwargs, number=number, scale=softmax_scale(core)):
             query, key = args[0], args[1]
             mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
-            probs = torch.softmax(local_attention_logits(query, key, mask, scale), dim=-1)
-            probabilities.setdefault(number, []).append(probs)
+            consume(number, torch.softmax(local_attention_logits(query, key, mask, scale), dim=-1))
 
-        handles.append(core.register_forward_pre_hook(record, with_kwargs=True))
+        handles.append(core.register_forward_pre_hook(hook, with_kwargs=True))
     try:
-        yield probabilities
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -117,27 +115,33 @@ def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> Lo
     """Stream `batches` (segments, one document per slot) through the model as in training, memory
     read and written, and average per layer and head the attention each query whose n tokens
     occurred earlier in its segment gives its token to copy."""
-    totals, queries = None, 0
-    with recorded_attention(loaded.model_chunks) as probabilities:
+    totals: dict[int, torch.Tensor] = {}  # layer -> [heads] sum of scores
+    slots_seen: dict[int, int] = {}  # layer -> slots of the current batch it has scored
+    targets: list[torch.Tensor] = []  # per slot of the current batch
+
+    def accumulate(layer: int, probs: torch.Tensor) -> None:
+        first = slots_seen.get(layer, 0)
+        slots_seen[layer] = first + probs.shape[0]
+        cached = probs.shape[-1] - probs.shape[-2]  # XL cache columns come first
+        total = totals.setdefault(layer, torch.zeros(probs.shape[1], dtype=torch.float64))
+        for slot_probs, slot_targets in zip(probs, targets[first : first + probs.shape[0]]):
+            rows = torch.nonzero(slot_targets >= 0).flatten()
+            total += slot_probs[:, rows, cached + slot_targets[rows]].double().sum(dim=-1)
+
+    queries = 0
+    with attention_probabilities(loaded.model_chunks, accumulate):
         for batch in batches:
+            lengths = batch.loss_mask.sum(dim=1).long().tolist()
+            targets[:] = [torch.tensor(lookup_targets(row[:length], n), dtype=torch.int64)
+                          for row, length in zip(batch.tokens.tolist(), lengths)]
+            queries += sum(int((t >= 0).sum()) for t in targets)
+            slots_seen.clear()
             forward_logits(loaded.model_chunks, loaded.memories, batch)
             loaded.memories.commit()
-            layers = sorted(probabilities)
-            per_layer = [torch.cat(probabilities.pop(layer)) for layer in layers]  # every micro-batch's slots
-            if totals is None:
-                totals = torch.zeros(len(layers), per_layer[0].shape[1], dtype=torch.float64)
-            for slot in range(batch.tokens.shape[0]):
-                length = int(batch.loss_mask[slot].sum())
-                targets = torch.tensor(lookup_targets(batch.tokens[slot, :length].tolist(), n), dtype=torch.int64)
-                rows = torch.nonzero(targets >= 0).flatten()
-                queries += len(rows)
-                for index, layer_probs in enumerate(per_layer):
-                    probs = layer_probs[slot]  # [h, s, t]
-                    cached = probs.shape[-1] - probs.shape[-2]  # XL cache columns come first
-                    totals[index] += probs[:, rows, cached + targets[rows]].double().sum(dim=-1)
     if not queries:
         raise ValueError(f"no {n} tokens repeat inside a segment of what was read: read more segments, or lower n")
-    return LookupScores(layers, (totals / queries).float(), queries, n)
+    layers = sorted(totals)
+    return LookupScores(layers, (torch.stack([totals[layer] for layer in layers]) / queries).float(), queries, n)
 
 
 def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str) -> Path:
@@ -180,12 +184,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                          "earlier in the segment (default 4)")
     parser.add_argument("--threshold", type=float, default=0.2,
                         help="score from which a head is called a lookup head (default 0.2)")
+    parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training; "
+                                                  "fewer bound the attention maps held at once)")
     parser.add_argument("--out", type=Path, help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
     if args.segments < 1 or args.n < 1:
         parser.error(f"--segments and --n must be at least 1 (got {args.segments} and {args.n})")
 
-    loaded = load_checkpoint_argument(args, parser, slots=None)
+    loaded = load_checkpoint_argument(args, parser, slots=args.slots)
     data = evaluation_data(loaded, args.data, parser)
     model = loaded.config.model
     stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
