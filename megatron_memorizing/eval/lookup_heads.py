@@ -82,8 +82,8 @@ def stock_core_attentions(model_chunks: list[torch.nn.Module]) -> dict[int, torc
 
 
 def softmax_scale(core_attention: torch.nn.Module) -> float:
-    """The scale stock core attention gives its logits (DotProductAttention and Transformer
-    Engine's both keep it as `softmax_scale`)."""
+    """The scale stock core attention gives its logits (Megatron-Core's DotProductAttention keeps
+    it as `softmax_scale`; a core attention without one is refused with its name)."""
     scale = getattr(core_attention, "softmax_scale", None)
     if scale is None:
         raise TypeError(f"{type(core_attention).__name__} keeps no softmax_scale: cannot read its attention")
@@ -126,7 +126,7 @@ def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> Lo
         total = totals.setdefault(layer, torch.zeros(probs.shape[1], dtype=torch.float64))
         for slot_probs, slot_targets in zip(probs, targets[first : first + probs.shape[0]]):
             rows = torch.nonzero(slot_targets >= 0).flatten()
-            total += slot_probs[:, rows, cached + slot_targets[rows]].double().sum(dim=-1)
+            total += slot_probs[:, rows, cached + slot_targets[rows]].double().sum(dim=-1).cpu()
 
     queries = 0
     with attention_probabilities(loaded.model_chunks, accumulate):
