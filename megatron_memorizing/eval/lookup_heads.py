@@ -144,6 +144,10 @@ def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> Lo
     return LookupScores(layers, (torch.stack([totals[layer] for layer in layers]) / queries).float(), queries, n)
 
 
+def layer_label(layer: int, memory_layers: list[int]) -> str:
+    return f"{layer} (memory)" if layer in memory_layers else str(layer)
+
+
 def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str) -> Path:
     heads = scores.scores.shape[1]
     figure, axes = new_figure(1.6 + 0.9 * heads, 1.4 + 0.5 * len(scores.layers))
@@ -151,7 +155,7 @@ def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str)
     image = axes.imshow(scores.scores.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
     axes.set_xticks(range(heads), [str(h + 1) for h in range(heads)])
     axes.set_yticks(range(len(scores.layers)),
-                    [f"{layer}{' (memory)' if layer in memory_layers else ''}" for layer in scores.layers])
+                    [layer_label(layer, memory_layers) for layer in scores.layers])
     axes.set_xlabel("head")
     axes.set_ylabel("layer")
     for row in range(len(scores.layers)):
@@ -199,12 +203,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         scores = score_heads(loaded, itertools.islice(stream, args.segments), args.n)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error} (--segments, --n)\n")
-    memory_layers = list(loaded.config.model.memory_layers)
+    memory_layers = list(model.memory_layers)
     heads = scores.scores.shape[1]
     print(f"{loaded.path} on {data}: attention to the token to copy, {scores.queries:,} queries whose "
           f"{args.n} tokens occurred earlier in their segment")
     print(table(["layer", *[f"head {h + 1}" for h in range(heads)]],
-                [[f"{layer}{' (memory)' if layer in memory_layers else ''}",
+                [[layer_label(layer, memory_layers),
                   *[f"{float(s):.3f}" for s in scores.scores[row]]] for row, layer in enumerate(scores.layers)]))
     print(advice(scores, memory_layers, args.threshold))
 
