@@ -133,3 +133,7 @@ def test_checkpoints_of_the_same_runs_give_perplexity_over_training(tmp_path, ca
     assert rows["1,000"] == ["1,000", "300.000", "310.000", "+3.33%"]
     assert rows["2,000"] == ["2,000", "250.000", "240.000", "-4.00%"]
     assert plot.read_bytes()[:8] == PNG
+    # With a baseline the plot has a second panel, the change against it: a figure twice as wide.
+    width = int.from_bytes(plot.read_bytes()[16:20], "big")
+    assert compare.main([*dirs, "--out-steps", str(plot)]) == 0
+    assert width > 1.5 * int.from_bytes(plot.read_bytes()[16:20], "big")

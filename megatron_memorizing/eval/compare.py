@@ -5,7 +5,9 @@
 
 Each argument is a directory written by `megatron-memorizing-eval` (its perplexity.json); its name
 labels the run. Evaluations of several checkpoints of the same training runs also get a table
-(and with --out-steps a plot) of perplexity over training steps, per run. Every run is compared at its own training condition (memory at the training
+(and with --out-steps a plot) of perplexity over training steps, per run, and with --baseline each
+run's change against the baseline's run at the same step: the gain as a curve over training.
+Every run is compared at its own training condition (memory at the training
 size, or no memory for a model trained without); the other conditions it was evaluated at
 (larger memories, memory disabled) get their own columns. `--baseline` names the run the
 "vs baseline" column divides by.
@@ -68,14 +70,32 @@ def over_training_table(runs: dict[str, list[tuple[int, float]]], baseline_run: 
     return table(["step", *runs, *(f"{run} vs {baseline_run}" for run in others)], rows)
 
 
-def plot_over_training(runs: dict[str, list[tuple[int, float]]], path: Path, title: str) -> Path:
-    figure, axes = new_figure()
+def plot_over_training(runs: dict[str, list[tuple[int, float]]], baseline_run: str | None, path: Path) -> Path:
+    """Validation perplexity over training steps, per run; with a baseline, a second panel shows each
+    other run's change against it at the same step (the gain as a curve over training)."""
+    figure, panels = new_figure(width=11.0 if baseline_run else 7.0, columns=2 if baseline_run else 1)
+    perplexity_axes = panels[0] if baseline_run else panels
+    colors = {run: f"C{i}" for i, run in enumerate(runs)}  # a run has one colour in both panels
     for run, points in runs.items():
-        axes.plot([step for step, _ in points], [ppl for _, ppl in points], marker="o", label=run)
-    axes.set_xlabel("training step")
-    axes.set_ylabel("validation perplexity")
-    axes.set_title(title)
-    axes.legend()
+        perplexity_axes.plot([step for step, _ in points], [ppl for _, ppl in points], marker="o", label=run,
+                             color=colors[run])
+    perplexity_axes.set_xlabel("training step")
+    perplexity_axes.set_ylabel("validation perplexity")
+    perplexity_axes.set_title("validation perplexity over training")
+    perplexity_axes.legend()
+    if baseline_run:
+        base = dict(runs[baseline_run])
+        gain_axes = panels[1]
+        for run, points in runs.items():
+            if run != baseline_run:
+                shared = [(step, ppl) for step, ppl in points if step in base]
+                gain_axes.plot([step for step, _ in shared], [100 * (ppl / base[step] - 1) for step, ppl in shared],
+                               marker="o", label=run, color=colors[run])
+        gain_axes.axhline(0.0, color="grey", linewidth=0.8)
+        gain_axes.set_xlabel("training step")
+        gain_axes.set_ylabel(f"perplexity vs {baseline_run} (%)")
+        gain_axes.set_title(f"change against {baseline_run} at the same step")
+        gain_axes.legend()
     return save_figure(figure, path)
 
 
@@ -120,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--title", default="perplexity by position in the document")
     parser.add_argument("--out-steps", type=Path,
                         help="PNG of perplexity over training steps, one line per training run (for evaluations "
-                             "of several checkpoints of the same runs)")
+                             "of several checkpoints of the same runs); with --baseline also each run's change against it")
     args = parser.parse_args(argv)
 
     evaluations = {directory.name: load_evaluation(directory) for directory in args.evaluations}
@@ -141,7 +161,7 @@ def main(argv=None) -> int:
         print("\nperplexity over training (each run at its training memory size)")
         print(over_training_table(runs, baseline_run))
         if args.out_steps:
-            print(f"wrote {plot_over_training(runs, args.out_steps, 'validation perplexity over training')}")
+            print(f"wrote {plot_over_training(runs, baseline_run, args.out_steps)}")
     return 0
 
 

@@ -38,5 +38,6 @@ def save_figure(figure, path: str | Path) -> Path:
     return path
 
 
-def new_figure(width: float = 7.0, height: float = 4.2):
-    return plt.subplots(figsize=(width, height))
+def new_figure(width: float = 7.0, height: float = 4.2, columns: int = 1):
+    """A figure and its axes (an array of `columns` axes side by side when more than one)."""
+    return plt.subplots(1, columns, figsize=(width, height))
