@@ -137,3 +137,24 @@ def test_checkpoints_of_the_same_runs_give_perplexity_over_training(tmp_path, ca
     width = int.from_bytes(plot.read_bytes()[16:20], "big")
     assert compare.main([*dirs, "--out-steps", str(plot)]) == 0
     assert width > 1.5 * int.from_bytes(plot.read_bytes()[16:20], "big")
+
+
+def test_two_seeds_at_once_each_run_against_its_own_twin(tmp_path, capsys):
+    """Runs named alike in two folders (two seeds) are told apart, and each is compared with the
+    baseline of its own folder, at every step."""
+    perplexities = {"seed1": {"plain": {1000: 300.0, 2000: 250.0}, "memory": {1000: 270.0, 2000: 200.0}},
+                    "seed2": {"plain": {1000: 400.0, 2000: 320.0}, "memory": {1000: 380.0, 2000: 240.0}}}
+    dirs = [evaluation_json(tmp_path / seed / f"{run}-{step}", f"{seed}/{run}", step, p,
+                            memory=1536 if run == "memory" else 0)
+            for seed, runs in perplexities.items() for run, steps in runs.items() for step, p in steps.items()]
+    assert compare.main([*dirs, "--baseline", "plain-2000"]) == 0
+    printed = capsys.readouterr().out
+    final = {line.split()[0]: line.split()[-1] for line in printed.split("perplexity by position")[0].splitlines()
+             if line.strip().startswith("seed") and "-2000" in line}
+    assert final == {"seed1/plain-2000": "+0.00%", "seed1/memory-2000": "-20.00%",
+                     "seed2/plain-2000": "+0.00%", "seed2/memory-2000": "-25.00%"}
+    over = printed.split("perplexity over training")[1].splitlines()
+    assert over[1].split()[1:5] == ["seed1/plain", "seed1/memory", "seed2/plain", "seed2/memory"]
+    assert over[1].rstrip().endswith("seed1/memory vs seed1/plain  seed2/memory vs seed2/plain")
+    rows = {line.split()[0]: line.split()[-2:] for line in over if line.strip()[:1].isdigit()}
+    assert rows == {"1,000": ["-10.00%", "-5.00%"], "2,000": ["-20.00%", "-25.00%"]}

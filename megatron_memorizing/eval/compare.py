@@ -4,13 +4,18 @@
         --out docs/img/cmp-stdlib-1000.png
 
 Each argument is a directory written by `megatron-memorizing-eval` (its perplexity.json); its name
-labels the run. Evaluations of several checkpoints of the same training runs also get a table
-(and with --out-steps a plot) of perplexity over training steps, per run, and with --baseline each
-run's change against the baseline's run at the same step: the gain as a curve over training.
-Every run is compared at its own training condition (memory at the training
-size, or no memory for a model trained without); the other conditions it was evaluated at
-(larger memories, memory disabled) get their own columns. `--baseline` names the run the
-"vs baseline" column divides by.
+labels the run (with its parent folder's where two share a name). Every run is compared at its own
+training condition (memory at the training size, or no memory for a model trained without); the
+other conditions it was evaluated at (larger memories, memory disabled) get their own columns.
+`--baseline` names the run the "vs baseline" column divides by; where several comparisons are
+passed at once (one folder each, e.g. one per seed), each run is compared with the baseline of
+its own folder, its twin:
+
+    python -m megatron_memorizing.eval.compare runs/eval/cmp-seed{1,2}/{nomemory,memory1536} --baseline nomemory
+
+Evaluations of several checkpoints of the same training runs also get a table (and with
+--out-steps a plot) of perplexity over training steps, per run, and with --baseline each run's
+change against its baseline's run at the same step: the gain as a curve over training.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import json
 from pathlib import Path
 
 from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label, plot_by_position
-from megatron_memorizing.eval.report import new_figure, save_figure, table
+from megatron_memorizing.eval.report import new_figure, run_labels, save_figure, table
 
 
 def load_evaluation(directory: Path) -> dict:
@@ -43,38 +48,66 @@ def condition_order(evaluations: dict[str, dict]) -> list[str]:
     return [memory_label(size) for size in sizes] + [NO_MEMORY] + others
 
 
-def run_of(evaluation: dict) -> str:
+def training_run(evaluation: dict) -> Path:
     """The training run an evaluated checkpoint belongs to (RUN/checkpoints/iter_N -> RUN)."""
-    return Path(evaluation["checkpoint"]).parent.parent.name
+    return Path(evaluation["checkpoint"]).parent.parent
 
 
-def over_training(evaluations: dict[str, dict]) -> dict[str, list[tuple[int, float]]]:
+def training_runs(evaluations: dict[str, dict]) -> dict[str, Path]:
+    """The training runs of the evaluated checkpoints, by label."""
+    paths = list(dict.fromkeys(training_run(e) for e in evaluations.values()))
+    return dict(zip(run_labels(paths), paths))
+
+
+def twins_of(paths: dict[str, Path], baselines: list[str]) -> dict[str, str]:
+    """Each run's baseline: the one in its own folder (its twin in the same comparison, e.g. the same
+    seed), else the only baseline there is. A baseline is its own; runs with neither are left out."""
+    twins = {}
+    for label, path in paths.items():
+        own = [b for b in baselines if paths[b].parent == path.parent]
+        if own or len(baselines) == 1:
+            twins[label] = (own or baselines)[0]
+    return twins
+
+
+def over_training(evaluations: dict[str, dict], runs: dict[str, Path]) -> dict[str, list[tuple[int, float]]]:
     """Per training run, (step, perplexity at its training condition), by step."""
-    runs: dict[str, list[tuple[int, float]]] = {}
+    label = {path: run for run, path in runs.items()}
+    points: dict[str, list[tuple[int, float]]] = {run: [] for run in runs}
     for e in evaluations.values():
-        runs.setdefault(run_of(e), []).append((e["step"], e["results"][training_condition(e)]["perplexity"]))
-    return {run: sorted(points) for run, points in runs.items()}
+        points[label[training_run(e)]].append((e["step"], e["results"][training_condition(e)]["perplexity"]))
+    return {run: sorted(p) for run, p in points.items()}
 
 
-def over_training_table(runs: dict[str, list[tuple[int, float]]], baseline_run: str | None) -> str:
+def gains_over_training(runs: dict[str, list[tuple[int, float]]], twins: dict[str, str]) -> dict[str, list[tuple[int, float]]]:
+    """Per run with a baseline other than itself, (step, % change of perplexity against it at that step)."""
+    gains = {}
+    for run, twin in twins.items():
+        if run != twin:
+            base = dict(runs[twin])
+            gains[run] = [(step, 100 * (ppl / base[step] - 1)) for step, ppl in runs[run] if step in base]
+    return gains
+
+
+def over_training_table(runs: dict[str, list[tuple[int, float]]], twins: dict[str, str]) -> str:
     steps = sorted({step for points in runs.values() for step, _ in points})
-    by_step = {run: dict(points) for run, points in runs.items()}
-    others = [run for run in runs if baseline_run and run != baseline_run]
-    base = by_step.get(baseline_run, {})
+    perplexity = {run: dict(points) for run, points in runs.items()}
+    gain = {run: dict(points) for run, points in gains_over_training(runs, twins).items()}
     rows = []
     for step in steps:
-        cells = [f"{by_step[run][step]:.3f}" if step in by_step[run] else "" for run in runs]
-        gains = [f"{100 * (by_step[run][step] / base[step] - 1):+.2f}%" if step in by_step[run] and step in base else ""
-                 for run in others]
+        cells = [f"{perplexity[run][step]:.3f}" if step in perplexity[run] else "" for run in runs]
+        gains = [f"{gain[run][step]:+.2f}%" if step in gain[run] else "" for run in gain]
         rows.append([f"{step:,}", *cells, *gains])
-    return table(["step", *runs, *(f"{run} vs {baseline_run}" for run in others)], rows)
+    return table(["step", *runs, *(f"{run} vs {twins[run]}" for run in gain)], rows)
 
 
-def plot_over_training(runs: dict[str, list[tuple[int, float]]], baseline_run: str | None, path: Path) -> Path:
+def plot_over_training(runs: dict[str, list[tuple[int, float]]], twins: dict[str, str], baseline: str | None,
+                       path: Path) -> Path:
     """Validation perplexity over training steps, per run; with a baseline, a second panel shows each
-    other run's change against it at the same step (the gain as a curve over training)."""
-    figure, panels = new_figure(width=11.0 if baseline_run else 7.0, columns=2 if baseline_run else 1)
-    perplexity_axes = panels[0] if baseline_run else panels
+    other run's change against its baseline at the same step (the gain as a curve over training)."""
+    gains = gains_over_training(runs, twins)
+    figure, panels = new_figure(width=11.0 if gains else 7.0, columns=2 if gains else 1)
+    perplexity_axes = panels[0] if gains else panels
     colors = {run: f"C{i}" for i, run in enumerate(runs)}  # a run has one colour in both panels
     for run, points in runs.items():
         perplexity_axes.plot([step for step, _ in points], [ppl for _, ppl in points], marker="o", label=run,
@@ -83,31 +116,31 @@ def plot_over_training(runs: dict[str, list[tuple[int, float]]], baseline_run: s
     perplexity_axes.set_ylabel("validation perplexity")
     perplexity_axes.set_title("validation perplexity over training")
     perplexity_axes.legend()
-    if baseline_run:
-        base = dict(runs[baseline_run])
+    if gains:
         gain_axes = panels[1]
-        for run, points in runs.items():
-            if run != baseline_run:
-                shared = [(step, ppl) for step, ppl in points if step in base]
-                gain_axes.plot([step for step, _ in shared], [100 * (ppl / base[step] - 1) for step, ppl in shared],
-                               marker="o", label=run, color=colors[run])
+        for run, points in gains.items():
+            gain_axes.plot([step for step, _ in points], [gain for _, gain in points], marker="o", label=run,
+                           color=colors[run])
         gain_axes.axhline(0.0, color="grey", linewidth=0.8)
         gain_axes.set_xlabel("training step")
-        gain_axes.set_ylabel(f"perplexity vs {baseline_run} (%)")
-        gain_axes.set_title(f"change against {baseline_run} at the same step")
+        gain_axes.set_ylabel(f"perplexity vs {baseline} (%)")
+        gain_axes.set_title(f"change against {baseline} at the same step")
         gain_axes.legend()
     return save_figure(figure, path)
 
 
-def comparison_table(evaluations: dict[str, dict], baseline: str | None) -> str:
+def comparison_table(evaluations: dict[str, dict], twins: dict[str, str], baseline: str | None) -> str:
     conditions = condition_order(evaluations)
-    reference = evaluations[baseline]["results"][training_condition(evaluations[baseline])]["perplexity"] if baseline else None
+
+    def own(e: dict) -> float:
+        return e["results"][training_condition(e)]["perplexity"]
+
     rows = []
     for run, e in evaluations.items():
-        own = e["results"][training_condition(e)]["perplexity"]
         cells = [f"{e['results'][c]['perplexity']:.3f}" if c in e["results"] else "" for c in conditions]
+        gain = f"{100 * (own(e) / own(evaluations[twins[run]]) - 1):+.2f}%" if run in twins else ""
         rows.append([run, f"{e['step']:,}", f"{e['training_memory_size']:,}" if e["training_memory_size"] else "none",
-                     f"{own:.3f}", *cells, f"{100 * (own / reference - 1):+.2f}%" if reference else ""])
+                     f"{own(e):.3f}", *cells, gain])
     return table(["run", "step", "trained memory", "perplexity", *conditions, f"vs {baseline}" if baseline else ""], rows)
 
 
@@ -135,7 +168,7 @@ def plot(evaluations: dict[str, dict], path: Path, title: str) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("evaluations", nargs="+", type=Path, help="directories written by megatron-memorizing-eval --out")
-    parser.add_argument("--baseline", help="the run (directory name) the others are compared with")
+    parser.add_argument("--baseline", help="the run (directory name) the others are compared with; per folder where there are several")
     parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run")
     parser.add_argument("--title", default="perplexity by position in the document")
     parser.add_argument("--out-steps", type=Path,
@@ -143,25 +176,33 @@ def main(argv=None) -> int:
                              "of several checkpoints of the same runs); with --baseline also each run's change against it")
     args = parser.parse_args(argv)
 
-    evaluations = {directory.name: load_evaluation(directory) for directory in args.evaluations}
-    if args.baseline and args.baseline not in evaluations:
-        parser.error(f"--baseline {args.baseline} is not one of the runs: {', '.join(evaluations)}")
+    labels = run_labels(args.evaluations)
+    evaluations = {label: load_evaluation(directory) for label, directory in zip(labels, args.evaluations)}
+    twins, run_twins = {}, {}
+    runs = training_runs(evaluations)
+    if args.baseline:
+        folders = dict(zip(labels, args.evaluations))
+        baselines = [label for label, folder in folders.items() if args.baseline in (label, folder.name)]
+        if not baselines:
+            parser.error(f"--baseline {args.baseline} is not one of the runs: {', '.join(evaluations)}")
+        twins = twins_of(folders, baselines)
+        run_label = {path: run for run, path in runs.items()}
+        run_twins = twins_of(runs, list(dict.fromkeys(run_label[training_run(evaluations[b])] for b in baselines)))
     data = {e["data"] for e in evaluations.values()}
     if len(data) > 1:
         parser.error(f"the evaluations are on different data ({', '.join(sorted(data))}): compare like with like")
     print(f"on {data.pop()} ({next(iter(evaluations.values()))['results'][NO_MEMORY]['tokens']:,.0f} tokens)")
-    print(comparison_table(evaluations, args.baseline))
+    print(comparison_table(evaluations, twins, args.baseline))
     print("\nperplexity by position in the document (each run at its training memory size)")
     print(position_table(evaluations))
     if args.out:
         print(f"\nwrote {plot(evaluations, args.out, args.title)}")
-    runs = over_training(evaluations)
-    if any(len(points) > 1 for points in runs.values()):
-        baseline_run = run_of(evaluations[args.baseline]) if args.baseline else None
+    points = over_training(evaluations, runs)
+    if any(len(p) > 1 for p in points.values()):
         print("\nperplexity over training (each run at its training memory size)")
-        print(over_training_table(runs, baseline_run))
+        print(over_training_table(points, run_twins))
         if args.out_steps:
-            print(f"wrote {plot_over_training(runs, baseline_run, args.out_steps)}")
+            print(f"wrote {plot_over_training(points, run_twins, args.baseline, args.out_steps)}")
     return 0
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from megatron_memorizing.eval.report import new_figure, save_figure, table
+from megatron_memorizing.eval.report import new_figure, run_labels, save_figure, table
 
 
 def read_scalar(directory: Path, tag: str) -> list[tuple[int, float]]:
@@ -46,9 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="PNG of the curves")
     args = parser.parse_args(argv)
 
-    names = [run.name for run in args.runs]
-    # Runs of the same name from different comparisons are told apart by their parent folder.
-    labels = [f"{run.parent.name}/{run.name}" if names.count(run.name) > 1 else run.name for run in args.runs]
+    labels = run_labels(args.runs)
     curves = {label: smoothed(read_scalar(run, args.scalar), args.smooth) for label, run in zip(labels, args.runs)}
     common = sorted(set.intersection(*({step for step, _ in points} for points in curves.values())))
     if not common:

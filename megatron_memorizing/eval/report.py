@@ -22,6 +22,13 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def run_labels(paths: Sequence[Path]) -> list[str]:
+    """Each run's name, with its parent folder's where two runs share a name (the same variant in
+    two comparisons, e.g. two seeds: runs/seed1/memory and runs/seed2/memory)."""
+    names = [path.name for path in paths]
+    return [f"{path.parent.name}/{path.name}" if names.count(path.name) > 1 else path.name for path in paths]
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
