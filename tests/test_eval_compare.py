@@ -3,6 +3,7 @@ training curves (from tensorboard logs)."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from scripts.ckpt_weights import train_state
@@ -10,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from data_tools.recall_task import RecallSpec, build
 from megatron_memorizing.eval import compare, curves, perplexity_cli
+from megatron_memorizing.eval.report import run_labels
 from megatron_memorizing.training.checkpoint import Checkpointer
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -158,3 +160,6 @@ def test_two_seeds_at_once_each_run_against_its_own_twin(tmp_path, capsys):
     assert over[1].rstrip().endswith("seed1/memory vs seed1/plain  seed2/memory vs seed2/plain")
     rows = {line.split()[0]: line.split()[-2:] for line in over if line.strip()[:1].isdigit()}
     assert rows == {"1,000": ["-10.00%", "-5.00%"], "2,000": ["-20.00%", "-25.00%"]}
+    # Folder names sharing leading words label runs by the words that differ.
+    runs = [Path("runs/cmp-1500-seed1/memory"), Path("runs/cmp-1500-seed2/memory"), Path("runs/cmp-1500-seed2/plain")]
+    assert run_labels(runs) == ["seed1/memory", "seed2/memory", "plain"]

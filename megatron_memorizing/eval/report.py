@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +25,16 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def run_labels(paths: Sequence[Path]) -> list[str]:
     """Each run's name, with its parent folder's where two runs share a name (the same variant in
-    two comparisons, e.g. two seeds: runs/seed1/memory and runs/seed2/memory)."""
+    two comparisons, e.g. two seeds), less the leading words all those folders share:
+    runs/cmp-1500-seed1/memory and runs/cmp-1500-seed2/memory -> seed1/memory and seed2/memory."""
     names = [path.name for path in paths]
-    return [f"{path.parent.name}/{path.name}" if names.count(path.name) > 1 else path.name for path in paths]
+    folders = [path.parent.name.split("-") for path in paths if names.count(path.name) > 1]
+    shared = len(os.path.commonprefix(folders)) if folders else 0
+    labels = []
+    for path in paths:
+        folder = "-".join(path.parent.name.split("-")[shared:]) or path.parent.name
+        labels.append(f"{folder}/{path.name}" if names.count(path.name) > 1 else path.name)
+    return labels
 
 
 def write_json(path: str | Path, data: dict) -> Path:
