@@ -27,6 +27,8 @@ from pathlib import Path
 from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label, plot_by_position
 from megatron_memorizing.eval.report import new_figure, run_labels, save_figure, table
 
+Points = dict[str, list[tuple[int, float]]]  # per run, (training step, value) by step
+
 
 def load_evaluation(directory: Path) -> dict:
     path = directory / "perplexity.json"
@@ -70,16 +72,16 @@ def twins_of(paths: dict[str, Path], baselines: list[str]) -> dict[str, str]:
     return twins
 
 
-def over_training(evaluations: dict[str, dict], runs: dict[str, Path]) -> dict[str, list[tuple[int, float]]]:
+def over_training(evaluations: dict[str, dict], runs: dict[str, Path]) -> Points:
     """Per training run, (step, perplexity at its training condition), by step."""
     label = {path: run for run, path in runs.items()}
-    points: dict[str, list[tuple[int, float]]] = {run: [] for run in runs}
+    points: Points = {run: [] for run in runs}
     for e in evaluations.values():
         points[label[training_run(e)]].append((e["step"], e["results"][training_condition(e)]["perplexity"]))
     return {run: sorted(p) for run, p in points.items()}
 
 
-def gains_over_training(runs: dict[str, list[tuple[int, float]]], twins: dict[str, str]) -> dict[str, list[tuple[int, float]]]:
+def gains_over_training(runs: Points, twins: dict[str, str]) -> Points:
     """Per run with a baseline other than itself, (step, % change of perplexity against it at that step)."""
     gains = {}
     for run, twin in twins.items():
@@ -89,7 +91,7 @@ def gains_over_training(runs: dict[str, list[tuple[int, float]]], twins: dict[st
     return gains
 
 
-def over_training_table(runs: dict[str, list[tuple[int, float]]], twins: dict[str, str]) -> str:
+def over_training_table(runs: Points, twins: dict[str, str]) -> str:
     steps = sorted({step for points in runs.values() for step, _ in points})
     perplexity = {run: dict(points) for run, points in runs.items()}
     gain = {run: dict(points) for run, points in gains_over_training(runs, twins).items()}
@@ -101,8 +103,7 @@ def over_training_table(runs: dict[str, list[tuple[int, float]]], twins: dict[st
     return table(["step", *runs, *(f"{run} vs {twins[run]}" for run in gain)], rows)
 
 
-def plot_over_training(runs: dict[str, list[tuple[int, float]]], twins: dict[str, str], baseline: str | None,
-                       path: Path) -> Path:
+def plot_over_training(runs: Points, twins: dict[str, str], baseline: str | None, path: Path) -> Path:
     """Validation perplexity over training steps, per run; with a baseline, a second panel shows each
     other run's change against its baseline at the same step (the gain as a curve over training)."""
     gains = gains_over_training(runs, twins)
@@ -168,7 +169,8 @@ def plot(evaluations: dict[str, dict], path: Path, title: str) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("evaluations", nargs="+", type=Path, help="directories written by megatron-memorizing-eval --out")
-    parser.add_argument("--baseline", help="the run (directory name) the others are compared with; per folder where there are several")
+    parser.add_argument("--baseline", help="the run (directory name) the others are compared with; where several "
+                                           "folders are passed, the one in each run's own folder")
     parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run")
     parser.add_argument("--title", default="perplexity by position in the document")
     parser.add_argument("--out-steps", type=Path,
