@@ -53,6 +53,8 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["optimizer.lr=[1"], r"--set optimizer.lr=\[1 is not valid YAML"),
         (["training.xl_cache_dropout=0.2"], "needs an XL cache to empty: set model.xl_cache=true"),
         (["model.xl_cache=true", "training.xl_cache_dropout=1.0"], r"xl_cache_dropout=1.0 must be in \[0, 1\)"),
+        (["training.exit_duration_minutes=-1"], r"exit_duration_minutes=-1.0 must be >= 0"),
+        (["training.exit_duration_minutes=30", "checkpoint.dir=null"], "continued from its checkpoint: set checkpoint.dir"),
     ],
 )
 def test_bad_run_config_is_refused_with_the_fix(overrides, message):

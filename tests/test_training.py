@@ -135,6 +135,32 @@ def test_checkpoints_without_a_tracker_are_resumed_not_deleted(data, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
 
 
+def test_a_run_past_its_time_stops_with_a_checkpoint_and_the_same_command_continues(data, tmp_path):
+    """training.exit_duration_minutes (Megatron-LM's --exit-duration-in-mins): a run longer than a
+    job's time limit is a series of jobs with one command."""
+    command = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+               *overrides(data, tmp_path, "training.steps=3", "checkpoint.interval=10",
+                          "training.exit_duration_minutes=1e-9")]
+    checkpoints = tmp_path / "checkpoints"
+    first = launch(command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    output = first.stdout + first.stderr
+    assert "stopped at step 1 of 3 after training.exit_duration_minutes=1e-09" in output
+    assert "validation perplexity" not in output  # stopped, not finished: no final evaluation
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+    again = launch(command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert f"resumed from {checkpoints / 'iter_0000001'} at step 1" in output
+    assert "stopped at step 2 of 3" in output
+
+    last = launch(command)  # past its time at the last step too: it finishes as usual
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "stopped at" not in last.stdout + last.stderr and "validation perplexity" in last.stdout
+    assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
 def test_validation_split_of_another_tokenizer_is_refused_before_step_1(data, tmp_path):
     from data_tools.recall_task import RecallSpec, build
 

@@ -69,6 +69,10 @@ class TrainingConfig:
     # --distributed-timeout-minutes): a rank whose peer hangs, or whose node is cut off, stops
     # after this long. A peer that dies outright is noticed at once (its connections close).
     distributed_timeout_minutes: float = 10.0
+    # Stop with a checkpoint once this many minutes of training have passed (Megatron-LM's
+    # --exit-duration-in-mins), so that a run longer than a job's time limit is a series of jobs:
+    # the same command continues where it stopped. Needs checkpoint.dir. 0: never.
+    exit_duration_minutes: float = 0.0
 
 
 @dataclass
@@ -131,6 +135,13 @@ class RunConfig:
             )
         if not 0.0 <= training.xl_cache_dropout < 1.0:
             raise ConfigError(f"training.xl_cache_dropout={training.xl_cache_dropout} must be in [0, 1).")
+        if training.exit_duration_minutes < 0:
+            raise ConfigError(f"training.exit_duration_minutes={training.exit_duration_minutes} must be >= 0 (0: never).")
+        if training.exit_duration_minutes and not self.checkpoint.dir:
+            raise ConfigError(
+                f"training.exit_duration_minutes={training.exit_duration_minutes} stops the run to be continued "
+                f"from its checkpoint: set checkpoint.dir, or training.exit_duration_minutes=0."
+            )
         if training.xl_cache_dropout and not model.xl_cache:
             raise ConfigError(
                 f"training.xl_cache_dropout={training.xl_cache_dropout} needs an XL cache to empty: "

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ from megatron_memorizing.eval.perplexity import Perplexity, evaluate
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
+from megatron_memorizing.segment_attention import state_device
 from megatron_memorizing.training.checkpoint import (
     TRACKER,
     Checkpointer,
@@ -202,16 +204,28 @@ class Trainer:
     def fit(self) -> TrainingResult:
         training, state = self.config.training, self.state
         loss = float("nan")
+        started = time.monotonic()
         try:
             while state.step < training.steps:
                 loss, _ = self.train_step(next(state.stream))
-                if self.checkpointer and (state.step % self.config.checkpoint.interval == 0 or state.step == training.steps):
+                out_of_time = self._out_of_time(started)
+                if self.checkpointer and (
+                    out_of_time or state.step % self.config.checkpoint.interval == 0 or state.step == training.steps
+                ):
                     # Published by the next step, once its weights give a finite loss.
                     self.checkpointer.write(state)
+                if out_of_time:
+                    break
                 if training.eval_interval and state.step % training.eval_interval == 0 and state.step < training.steps:
                     self._report(self.validate(), "validation", state.step)
             if self.checkpointer:  # the last one: its weights were checked finite when written
                 self.checkpointer.publish()
+            if state.step < training.steps:
+                self.logger.message(
+                    f"stopped at step {state.step} of {training.steps} after training.exit_duration_minutes="
+                    f"{training.exit_duration_minutes:g}: the same command continues from step {state.step}"
+                )
+                return TrainingResult(state.step, loss, None, None, str(self.logger.directory))
             with_memory = self.validate(with_memory=True)
             # Decided from the config, not this rank's layers: every rank must take part in evaluation.
             without_memory = self.validate(with_memory=False) if self.config.model.memory_layers else None
@@ -220,6 +234,15 @@ class Trainer:
             return TrainingResult(state.step, loss, with_memory, without_memory, str(self.logger.directory))
         finally:
             self.logger.close()
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether training.exit_duration_minutes have passed, on any rank: all stop at the same step."""
+        minutes = self.config.training.exit_duration_minutes
+        if not minutes:
+            return False
+        late = torch.tensor([time.monotonic() - started > 60 * minutes], dtype=torch.int32, device=state_device())
+        torch.distributed.all_reduce(late, op=torch.distributed.ReduceOp.MAX)
+        return bool(late.item())
 
     def _report(self, result: Optional[Perplexity], name: str, step: int) -> None:
         if result is None:
