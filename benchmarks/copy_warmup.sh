@@ -17,7 +17,8 @@
 #   runs/NAME/VARIANT and evaluations to runs/eval/NAME/VARIANT, NAME defaulting to
 #   copywarm-CORPUS-PAIR_STEPS-dataseedDATA_SEED. EVAL_ARGS adds options to every evaluation.
 #   EXIT_MINUTES stops each variant's training after that many minutes with a checkpoint: the same
-#   command continues it, and its evaluation waits for its last step.
+#   command continues it, and its evaluation waits for its last step. The quarters' checkpoints
+#   (for the gain over training) are kept beside those of a dozen stops (checkpoint.keep_last=12).
 #
 # Variants: nomemory; memory1536-layer4 (memory of 1,536 in layer 4, where the lookup heads form);
 # memory1536-layer4-scalarlr10 (and its gate and scale at 10x the learning rate); xl and
@@ -77,7 +78,7 @@ pair() {
             --set model.segment_length=$segment --set training.steps=$variant_steps \
             --set optimizer.lr=6e-4 --set optimizer.warmup_steps=$((variant_steps / 10)) --set data.seed="$seed" \
             --set training.eval_interval=$quarter --set checkpoint.interval=$quarter \
-            --set checkpoint.keep_last=4 --set checkpoint.init_from=runs/copywarm/copies-2500/checkpoints/iter_0001000 \
+            --set checkpoint.keep_last=12 --set checkpoint.init_from=runs/copywarm/copies-2500/checkpoints/iter_0001000 \
             --set checkpoint.dir=runs/$name/$variant/checkpoints --set logging.dir=runs/$name/$variant \
             --set training.exit_duration_minutes="${EXIT_MINUTES:-0}" "${args[@]}"
         local reached
