@@ -180,6 +180,9 @@ def main(argv=None) -> int:
 
     labels = run_labels(args.evaluations)
     evaluations = {label: load_evaluation(directory) for label, directory in zip(labels, args.evaluations)}
+    data = {e["data"] for e in evaluations.values()}
+    if len(data) > 1:
+        parser.error(f"the evaluations are on different data ({', '.join(sorted(data))}): compare like with like")
     twins, run_twins = {}, {}
     runs = training_runs(evaluations)
     if args.baseline:
@@ -190,9 +193,6 @@ def main(argv=None) -> int:
         twins = twins_of(folders, baselines)
         run_label = {path: run for run, path in runs.items()}
         run_twins = twins_of(runs, list(dict.fromkeys(run_label[training_run(evaluations[b])] for b in baselines)))
-    data = {e["data"] for e in evaluations.values()}
-    if len(data) > 1:
-        parser.error(f"the evaluations are on different data ({', '.join(sorted(data))}): compare like with like")
     print(f"on {data.pop()} ({next(iter(evaluations.values()))['results'][NO_MEMORY]['tokens']:,.0f} tokens)")
     print(comparison_table(evaluations, twins, args.baseline))
     print("\nperplexity by position in the document (each run at its training memory size)")
