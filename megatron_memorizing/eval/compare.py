@@ -72,12 +72,17 @@ def twins_of(paths: dict[str, Path], baselines: list[str]) -> dict[str, str]:
     return twins
 
 
-def over_training(evaluations: dict[str, dict], runs: dict[str, Path]) -> Points:
-    """Per training run, (step, perplexity at its training condition), by step."""
+def run_of_each(evaluations: dict[str, dict], runs: dict[str, Path]) -> dict[str, str]:
+    """The label of the training run each evaluation's checkpoint belongs to."""
     label = {path: run for run, path in runs.items()}
-    points: Points = {run: [] for run in runs}
-    for e in evaluations.values():
-        points[label[training_run(e)]].append((e["step"], e["results"][training_condition(e)]["perplexity"]))
+    return {name: label[training_run(e)] for name, e in evaluations.items()}
+
+
+def over_training(evaluations: dict[str, dict], run_of: dict[str, str]) -> Points:
+    """Per training run, (step, perplexity at its training condition), by step."""
+    points: Points = {run: [] for run in dict.fromkeys(run_of.values())}
+    for name, e in evaluations.items():
+        points[run_of[name]].append((e["step"], e["results"][training_condition(e)]["perplexity"]))
     return {run: sorted(p) for run, p in points.items()}
 
 
@@ -185,21 +190,21 @@ def main(argv=None) -> int:
         parser.error(f"the evaluations are on different data ({', '.join(sorted(data))}): compare like with like")
     twins, run_twins = {}, {}
     runs = training_runs(evaluations)
+    run_of = run_of_each(evaluations, runs)
     if args.baseline:
         folders = dict(zip(labels, args.evaluations))
         baselines = [label for label, folder in folders.items() if args.baseline in (label, folder.name)]
         if not baselines:
             parser.error(f"--baseline {args.baseline} is not one of the runs: {', '.join(evaluations)}")
         twins = twins_of(folders, baselines)
-        run_label = {path: run for run, path in runs.items()}
-        run_twins = twins_of(runs, list(dict.fromkeys(run_label[training_run(evaluations[b])] for b in baselines)))
+        run_twins = twins_of(runs, list(dict.fromkeys(run_of[b] for b in baselines)))
     print(f"on {data.pop()} ({next(iter(evaluations.values()))['results'][NO_MEMORY]['tokens']:,.0f} tokens)")
     print(comparison_table(evaluations, twins, args.baseline))
     print("\nperplexity by position in the document (each run at its training memory size)")
     print(position_table(evaluations))
     if args.out:
         print(f"\nwrote {plot(evaluations, args.out, args.title)}")
-    points = over_training(evaluations, runs)
+    points = over_training(evaluations, run_of)
     if any(len(p) > 1 for p in points.values()):
         print("\nperplexity over training (each run at its training memory size)")
         print(over_training_table(points, run_twins))
