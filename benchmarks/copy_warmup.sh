@@ -7,6 +7,7 @@
 #   benchmarks/copy_warmup.sh pair CORPUS DATA_SEED VARIANT [VARIANT ...]
 #   benchmarks/copy_warmup.sh pair stdlib 1 nomemory memory1536-layer4-scalarlr10 xl memory1536-layer4-scalarlr10-xl
 #   EVAL_ARGS="--max-steps 30" benchmarks/copy_warmup.sh pair go-stdlibtok 1 nomemory memory1536-layer4-scalarlr10
+#   WARMUP_SEED=4321 benchmarks/copy_warmup.sh warmup; WARMUP_SEED=4321 benchmarks/copy_warmup.sh pair stdlib 1 ...
 #
 # warmup: the copy corpus data/stdlib-copies (from data/stdlib, built by `megatron-memorizing-data
 #   build`), warm-up A (500 steps of 16 documents x 256 tokens, the usual schedule) to
@@ -16,6 +17,8 @@
 #   data/stdlib/tokenizer.model --out data/go-stdlibtok`), with `--set data.seed=DATA_SEED`; runs go to
 #   runs/NAME/VARIANT and evaluations to runs/eval/NAME/VARIANT, NAME defaulting to
 #   copywarm-CORPUS-PAIR_STEPS-dataseedDATA_SEED. EVAL_ARGS adds options to every evaluation.
+#   WARMUP_SEED (both commands) draws the warm-up's initial weights with `--set training.seed=WARMUP_SEED`
+#   and keeps it apart: runs/copywarm-seedWARMUP_SEED, and pairs named copywarm-seedWARMUP_SEED-CORPUS-....
 #   EXIT_MINUTES stops each variant's training after that many minutes with a checkpoint: the same
 #   command continues it, and its evaluation waits for its last step. The quarters' checkpoints
 #   (for the gain over training) are kept beside those of a dozen stops (checkpoint.keep_last=12).
@@ -28,6 +31,7 @@ set -euo pipefail
 bin=${VENV:-.venv}/bin
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 train() { "$bin/megatron-memorizing-train" --config configs/tiny-cpu.yaml --set model.micro_batch_size=16 "$@"; }
+warm=runs/copywarm${WARMUP_SEED:+-seed$WARMUP_SEED}
 usage() { sed -n 5,8p "$0" | sed 's/^# *//' >&2; exit 2; }
 
 warmup() {
@@ -41,20 +45,21 @@ warmup() {
     fi
     local copies=(--set data.train=data/stdlib-copies/train --set data.validation=data/stdlib-copies/validation
                   --set "model.memory_layers=[]" --set checkpoint.interval=250 --set checkpoint.keep_last=8)
+    if [[ -n ${WARMUP_SEED:-} ]]; then copies+=(--set training.seed="$WARMUP_SEED"); fi
     train "${copies[@]}" --set training.steps=500 --set optimizer.warmup_steps=100 \
-        --set checkpoint.dir=runs/copywarm/copies-500/checkpoints --set logging.dir=runs/copywarm/copies-500
+        --set checkpoint.dir=$warm/copies-500/checkpoints --set logging.dir=$warm/copies-500
     # the first 1,000 steps of a 2,000-step schedule: the lookup forms between steps 450 and 750
     train "${copies[@]}" --set training.steps=1000 --set optimizer.decay_steps=1950 --set optimizer.warmup_steps=50 \
         --set optimizer.min_lr=1e-3 --set data.seed=1 --set training.eval_interval=250 \
-        --set checkpoint.init_from=runs/copywarm/copies-500/checkpoints \
-        --set checkpoint.dir=runs/copywarm/copies-2500/checkpoints --set logging.dir=runs/copywarm/copies-2500
+        --set checkpoint.init_from=$warm/copies-500/checkpoints \
+        --set checkpoint.dir=$warm/copies-2500/checkpoints --set logging.dir=$warm/copies-2500
 }
 
 pair() {
     (($# >= 3)) || usage
     local corpus=$1 seed=$2; shift 2
     local steps=${PAIR_STEPS:-500}
-    local name=${NAME:-copywarm-$corpus-$steps-dataseed$seed}
+    local name=${NAME:-${warm#runs/}-$corpus-$steps-dataseed$seed}
     local memory=(--set model.memory_size=1536 --set "model.memory_layers=[4]")
     local faster=(--set optimizer.memory_scalars_lr_mult=10)
     local variant args sizes
@@ -78,7 +83,7 @@ pair() {
             --set model.segment_length=$segment --set training.steps=$variant_steps \
             --set optimizer.lr=6e-4 --set optimizer.warmup_steps=$((variant_steps / 10)) --set data.seed="$seed" \
             --set training.eval_interval=$quarter --set checkpoint.interval=$quarter \
-            --set checkpoint.keep_last=12 --set checkpoint.init_from=runs/copywarm/copies-2500/checkpoints/iter_0001000 \
+            --set checkpoint.keep_last=12 --set checkpoint.init_from=$warm/copies-2500/checkpoints/iter_0001000 \
             --set checkpoint.dir=runs/$name/$variant/checkpoints --set logging.dir=runs/$name/$variant \
             --set training.exit_duration_minutes="${EXIT_MINUTES:-0}" "${args[@]}"
         local reached
