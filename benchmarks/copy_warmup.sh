@@ -31,7 +31,7 @@ set -euo pipefail
 bin=${VENV:-.venv}/bin
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 train() { "$bin/megatron-memorizing-train" --config configs/tiny-cpu.yaml --set model.micro_batch_size=16 "$@"; }
-warm=runs/copywarm${WARMUP_SEED:+-seed$WARMUP_SEED}
+warmup_dir=runs/copywarm${WARMUP_SEED:+-seed$WARMUP_SEED}
 usage() { sed -n 5,8p "$0" | sed 's/^# *//' >&2; exit 2; }
 
 warmup() {
@@ -47,19 +47,19 @@ warmup() {
                   --set "model.memory_layers=[]" --set checkpoint.interval=250 --set checkpoint.keep_last=8)
     if [[ -n ${WARMUP_SEED:-} ]]; then copies+=(--set training.seed="$WARMUP_SEED"); fi
     train "${copies[@]}" --set training.steps=500 --set optimizer.warmup_steps=100 \
-        --set checkpoint.dir=$warm/copies-500/checkpoints --set logging.dir=$warm/copies-500
+        --set checkpoint.dir=$warmup_dir/copies-500/checkpoints --set logging.dir=$warmup_dir/copies-500
     # the first 1,000 steps of a 2,000-step schedule: the lookup forms between steps 450 and 750
     train "${copies[@]}" --set training.steps=1000 --set optimizer.decay_steps=1950 --set optimizer.warmup_steps=50 \
         --set optimizer.min_lr=1e-3 --set data.seed=1 --set training.eval_interval=250 \
-        --set checkpoint.init_from=$warm/copies-500/checkpoints \
-        --set checkpoint.dir=$warm/copies-2500/checkpoints --set logging.dir=$warm/copies-2500
+        --set checkpoint.init_from=$warmup_dir/copies-500/checkpoints \
+        --set checkpoint.dir=$warmup_dir/copies-2500/checkpoints --set logging.dir=$warmup_dir/copies-2500
 }
 
 pair() {
     (($# >= 3)) || usage
     local corpus=$1 seed=$2; shift 2
     local steps=${PAIR_STEPS:-500}
-    local name=${NAME:-${warm#runs/}-$corpus-$steps-dataseed$seed}
+    local name=${NAME:-${warmup_dir#runs/}-$corpus-$steps-dataseed$seed}
     local memory=(--set model.memory_size=1536 --set "model.memory_layers=[4]")
     local faster=(--set optimizer.memory_scalars_lr_mult=10)
     local variant args sizes
@@ -83,7 +83,7 @@ pair() {
             --set model.segment_length=$segment --set training.steps=$variant_steps \
             --set optimizer.lr=6e-4 --set optimizer.warmup_steps=$((variant_steps / 10)) --set data.seed="$seed" \
             --set training.eval_interval=$quarter --set checkpoint.interval=$quarter \
-            --set checkpoint.keep_last=12 --set checkpoint.init_from=$warm/copies-2500/checkpoints/iter_0001000 \
+            --set checkpoint.keep_last=12 --set checkpoint.init_from=$warmup_dir/copies-2500/checkpoints/iter_0001000 \
             --set checkpoint.dir=runs/$name/$variant/checkpoints --set logging.dir=runs/$name/$variant \
             --set training.exit_duration_minutes="${EXIT_MINUTES:-0}" "${args[@]}"
         local reached
