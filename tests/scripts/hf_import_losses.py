@@ -2,7 +2,8 @@
 
 Builds the model that the import's config.yaml describes at `--tp` x `--pp`, loads the imported
 weights as `checkpoint.init_from` does, and reports every token's loss over the test's document
-batches with memory disabled, for comparison with the Hugging Face model's on the same tokens.
+batches (or the documents of `--tokens`, one per slot) with memory disabled, for comparison with
+the Hugging Face model's on the same tokens.
 """
 
 import argparse
@@ -22,7 +23,7 @@ from megatron_memorizing.parallel import destroy_distributed, initialize_distrib
 from megatron_memorizing.training.checkpoint import load_weights  # noqa: E402
 from megatron_memorizing.training.config import RunConfig  # noqa: E402
 from megatron_memorizing.training.step import forward_backward  # noqa: E402
-from tiny import document_batches  # noqa: E402
+from tiny import document_batches, segment_batches  # noqa: E402
 
 
 def main():
@@ -31,6 +32,7 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tokens", help="a torch.save'd [slots, steps * segment + 1] tensor of documents to read")
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
 
@@ -42,9 +44,13 @@ def main():
     for chunk in chunks:
         chunk.eval()
     memories = ModelMemories(chunks, config.micro_batch_size)
+    if args.tokens:
+        batches = segment_batches(torch.load(args.tokens), config.segment_length)
+    else:
+        batches = document_batches(args.steps, config.memory_slots, config.segment_length, config.vocab_size, seed=3)
     losses = []
     with torch.no_grad(), memories.disabled():
-        for batch in document_batches(args.steps, config.memory_slots, config.segment_length, config.vocab_size, seed=3):
+        for batch in batches:
             step = forward_backward(chunks, memories, batch, forward_only=True)
             memories.commit()
             # The last pipeline stage computed the losses: share them with rank 0, which reports.
