@@ -55,6 +55,8 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["model.xl_cache=true", "training.xl_cache_dropout=1.0"], r"xl_cache_dropout=1.0 must be in \[0, 1\)"),
         (["training.exit_duration_minutes=-1"], r"exit_duration_minutes=-1.0 must be >= 0"),
         (["training.exit_duration_minutes=30", "checkpoint.dir=null"], "continued from its checkpoint: set checkpoint.dir"),
+        (["training.train_from_layer=0"], "train_from_layer=0 must be a layer number, 1 \\(train every layer\\)"),
+        (["training.train_from_layer=99"], "to model.num_layers="),
     ],
 )
 def test_bad_run_config_is_refused_with_the_fix(overrides, message):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distributed import environment_without_launcher
 from fixtures.data_corpus import VOCAB, build_small_data
@@ -259,3 +260,25 @@ def test_a_full_disk_is_named_and_the_partial_save_removed(data, tmp_path):
         assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == [".lock"]
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_train_from_layer_keeps_the_layers_below_and_the_embedding_as_they_were(data, tmp_path, single_rank):
+    from megatron_memorizing.model import build_model
+    from megatron_memorizing.training.checkpoint import load_weights
+    from megatron_memorizing.training.config import RunConfig
+
+    done = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
+                   *overrides(data, tmp_path, "training.steps=2", "checkpoint.interval=1", "training.train_from_layer=2")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "training layers 2-2 only" in done.stdout + done.stderr
+
+    def weights(step):
+        iteration = tmp_path / "checkpoints" / f"iter_{step:07d}"
+        (model,) = build_model(RunConfig.load(iteration / "config.yaml").model)
+        load_weights(iteration, [model])
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    first, second = weights(1), weights(2)
+    changed = {name for name in first if not torch.equal(first[name], second[name])}
+    assert changed and all(name.startswith(("decoder.layers.1.", "decoder.final_layernorm")) for name in changed)
+    assert "decoder.layers.1.self_attention.linear_qkv.weight" in changed
