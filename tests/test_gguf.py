@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from megatron_memorizing.hf.gguf import GGUFError, gguf_to_hf
+from megatron_memorizing.hf.importer import main as import_main
 
 
 def gpt2_gguf(path):
@@ -67,3 +68,14 @@ def test_an_unknown_pretrained_model_is_one_line_and_exit_2():
     done = subprocess.run([sys.executable, "-m", "data_tools.cli", "pretrained", "gpt-5"], capture_output=True, text=True)
     assert done.returncode == 2
     assert "invalid choice: 'gpt-5'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing", "absent.gguf does not exist"),
+    ("gpt2", "holds a 'gpt2' model"),
+])
+def test_importing_a_gguf_file_that_cannot_be_read_is_one_line_and_exit_2(tmp_path, capsys, case, expected):
+    code = import_main(["--hf-model", str(bad_source(tmp_path, case)), "--output", str(tmp_path / "ckpt")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1 and expected in error
+    assert not (tmp_path / "ckpt").exists() and not list(tmp_path.glob(".ckpt*"))

@@ -4,7 +4,8 @@ the package registry and converted from its GGUF file once for the module, then 
 On real text (CPython source, two documents of two 512-token segments) the imported model must
 compute transformers' logits in fp32: without memory, with a memory layer whose gate is closed
 (its memory filled by the first segment and read by the second), and loaded at TP=3 and PP=2;
-imported without memory it must export back to the very tensors it came from.
+imported without memory it must export back to the very tensors it came from. The GGUF file itself
+imports the same.
 """
 
 import json
@@ -15,7 +16,7 @@ import transformers
 from safetensors.torch import load_file
 
 from conftest import STDLIB
-from data_tools.pretrained import fetch_pretrained
+from data_tools.pretrained import fetch_pretrained, registry_gguf
 from distributed import SCRIPTS, run_torchrun
 from megatron_memorizing.data import load_tokenizer
 from megatron_memorizing.hf.convert import export
@@ -38,6 +39,12 @@ CLOSED_GATE = -40.0  # sigmoid(-40) ~ 4e-18: the memory is read but weighs nothi
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     return fetch_pretrained("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="module")
+def from_gguf_file(smollm2, tmp_path_factory):
+    """Imported from the GGUF file itself, converted on the way."""
+    return imported(registry_gguf("smollm2-135m-instruct"), tmp_path_factory.mktemp("gguf") / "ckpt", memory_layers=[])
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +82,7 @@ def without_memory(smollm2, tmp_path_factory):
     return imported(smollm2, tmp_path_factory.mktemp("vanilla") / "ckpt", memory_layers=[])
 
 
-@pytest.mark.parametrize("variant", ["without_memory", "with_closed_memory"])
+@pytest.mark.parametrize("variant", ["without_memory", "with_closed_memory", "from_gguf_file"])
 def test_smollm2_imported_computes_transformers_logits(single_rank, request, documents, hf_losses, variant):
     checkpoint = request.getfixturevalue(variant)
     run = RunConfig.load(checkpoint / "iter_0000000" / "config.yaml")

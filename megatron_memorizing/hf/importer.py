@@ -3,7 +3,7 @@
     megatron-memorizing-import --hf-model HF_DIR --output CKPT_DIR [--set model.memory_layers=[24] ...]
 
 HF_DIR is a local directory as `save_pretrained` writes it: config.json, *.safetensors and the
-tokenizer's files. CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout
+tokenizer's files; or a GGUF file (llama.cpp's format), dequantized on the way (hf/gguf.py). CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout
 (CKPT_DIR/iter_0000000/model is dist_checkpointing, so any TP/PP layout reads it) whose
 config.yaml describes the model: the architecture from config.json, and memory layers added
 where `--set model.memory_layers=[...]` says (by default the layer at 3/4 depth; `[]` imports
@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -130,8 +130,25 @@ def megatron_weights(hf_weights: dict, config: MemorizingConfig, expected: dict)
 
 
 def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None = None) -> Path:
-    """Write the weights-only checkpoint `output` from the Hugging Face directory `hf_dir`; returns
-    its iteration directory. `overrides` are model fields (memory, segment, layout)."""
+    """Write the weights-only checkpoint `output` from the Hugging Face directory `hf_dir` (or a
+    GGUF file); returns its iteration directory. `overrides` are model fields (memory, segment, layout)."""
+    hf_dir, output = Path(hf_dir), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise HFImportError(f"{output} already exists and is not empty: choose another --output.")
+    if not (hf_dir.is_file() or hf_dir.suffix == ".gguf"):
+        return _import_directory(hf_dir, output, overrides or {}, hf_dir)
+    from megatron_memorizing.hf.gguf import GGUFError, gguf_to_hf
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.gguf-") as converted:
+        try:
+            directory = gguf_to_hf(hf_dir, Path(converted) / "hf")
+        except GGUFError as error:
+            raise HFImportError(str(error)) from None
+        return _import_directory(directory, output, overrides or {}, hf_dir)
+
+
+def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path) -> Path:
     from megatron.core import parallel_state
 
     from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR
@@ -140,12 +157,9 @@ def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None 
     from megatron_memorizing.training.checkpoint import Checkpointer
     from megatron_memorizing.training.config import CheckpointConfig, RunConfig
 
-    hf_dir, output = Path(hf_dir), Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise HFImportError(f"{output} already exists and is not empty: choose another --output.")
     hf = read_hf_config(hf_dir)
     try:
-        config = model_config(hf, overrides or {})
+        config = model_config(hf, overrides)
     except UnsupportedModel as error:
         raise HFImportError(f"{hf_dir}: {error}") from None
     files = tokenizer_files(hf_dir)
@@ -170,7 +184,7 @@ def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None 
         if "tokenizer.model" in files:
             copied["tokenizer.model"] = files["tokenizer.model"]
         return Checkpointer(CheckpointConfig(dir=str(output))).write_weights_only(
-            [model], run, copied, imported_from=str(hf_dir.resolve()),
+            [model], run, copied, imported_from=str(source.resolve()),
         )
     finally:
         if started:
@@ -181,7 +195,8 @@ def main(argv=None) -> int:
     from megatron_memorizing.training.config import apply_override
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf-model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    parser.add_argument("--hf-model", required=True,
+                        help="Hugging Face model directory (config.json, safetensors, tokenizer), or a .gguf file")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
                         help="memory, segment and layout fields, e.g. model.memory_layers=[12] model.memory_size=65536")
@@ -201,8 +216,13 @@ def main(argv=None) -> int:
         iteration = import_model(args.hf_model, args.output, overrides.get("model", {}))
     except HFImportError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     print(f"imported {args.hf_model} -> {iteration}")
+    if Path(args.hf_model).is_file():
+        from megatron_memorizing.hf.gguf import quantization
+
+        stored = ", ".join(f"{kind} ({count} tensors)" for kind, count in quantization(Path(args.hf_model)).items())
+        print(f"dequantized to float32 from {stored}: the weights are the quantized ones, not the original model's")
     print(f"fine-tune: megatron-memorizing-train --config {iteration / 'config.yaml'} --set checkpoint.dir=DIR "
           f"--set data.train=PREFIX --set data.validation=PREFIX")
     return 0
