@@ -3,11 +3,11 @@
     megatron-memorizing-import --hf-model HF_DIR --output CKPT_DIR [--set model.memory_layers=[24] ...]
 
 HF_DIR is a local directory as `save_pretrained` writes it: config.json, *.safetensors and the
-tokenizer's files; or a GGUF file (llama.cpp's format), dequantized on the way (hf/gguf.py). CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout
-(CKPT_DIR/iter_0000000/model is dist_checkpointing, so any TP/PP layout reads it) whose
-config.yaml describes the model: the architecture from config.json, and memory layers added
-where `--set model.memory_layers=[...]` says (by default the layer at 3/4 depth; `[]` imports
-without memory), their gate and scale initialised as `model.gate_init` says. The tokenizer's
+tokenizer's files; or a GGUF file (llama.cpp's format), dequantized on the way (hf/gguf.py).
+CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout (CKPT_DIR/iter_0000000/model
+is dist_checkpointing, so any TP/PP layout reads it) whose config.yaml describes the model: the
+architecture from config.json, and memory layers added where `--set model.memory_layers=[...]`
+says (by default the layer at 3/4 depth; `[]` imports without memory), their gate and scale initialised as `model.gate_init` says. The tokenizer's
 files are kept in CKPT_DIR/iter_0000000/hf_tokenizer/ (a SentencePiece tokenizer.model also as
 tokenizer.model, which data_tools and the trainer check datasets against). Train from it:
 
@@ -161,7 +161,7 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
     try:
         config = model_config(hf, overrides)
     except UnsupportedModel as error:
-        raise HFImportError(f"{hf_dir}: {error}") from None
+        raise HFImportError(f"{source}: {error}") from None
     files = tokenizer_files(hf_dir)
     # Built in one process; the memory buffers are not saved, so they are kept small.
     single = dataclasses.replace(
