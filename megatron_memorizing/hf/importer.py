@@ -7,9 +7,10 @@ tokenizer's files; or a GGUF file (llama.cpp's format), dequantized on the way (
 CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout (CKPT_DIR/iter_0000000/model
 is dist_checkpointing, so any TP/PP layout reads it) whose config.yaml describes the model: the
 architecture from config.json, and memory layers added where `--set model.memory_layers=[...]`
-says (by default the layer at 3/4 depth; `[]` imports without memory), their gate and scale initialised as `model.gate_init` says. The tokenizer's
-files are kept in CKPT_DIR/iter_0000000/hf_tokenizer/ (a SentencePiece tokenizer.model also as
-tokenizer.model, which data_tools and the trainer check datasets against). Train from it:
+says (by default the layer at 3/4 depth; `[]` imports without memory), their gate and scale
+initialised as `model.gate_init` says. The tokenizer's files are kept in
+CKPT_DIR/iter_0000000/hf_tokenizer/ (a SentencePiece tokenizer.model also as tokenizer.model,
+which data_tools and the trainer check datasets against). Train from it:
 
     megatron-memorizing-train --config CKPT_DIR/iter_0000000/config.yaml --set checkpoint.dir=runs/ft ...
 
