@@ -50,14 +50,17 @@ def main():
     parser.add_argument("--document-tokens", type=int, default=20_000)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both models' weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.plain)
     ids = long_document(args.documents, tokenizer, args.document_tokens)
-    memorizing = transformers.AutoModelForCausalLM.from_pretrained(args.memorizing, trust_remote_code=True).eval()
-    plain = transformers.AutoModelForCausalLM.from_pretrained(args.plain, dtype=torch.float32).eval()
+    dtype = getattr(torch, args.dtype)
+    memorizing = transformers.AutoModelForCausalLM.from_pretrained(args.memorizing, trust_remote_code=True, dtype=dtype)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(args.plain, dtype=dtype)
+    memorizing.eval(), plain.eval()
     window = plain.config.max_position_embeddings - args.new_tokens
 
     rows = []
@@ -69,7 +72,7 @@ def main():
         prefill, per_token = timed_generate(model, prompt, args.new_tokens)
         rows.append(f"| {name} | {prompt.shape[1]:,} | {prefill:.1f} | {prompt.shape[1] / prefill:,.0f} | "
                     f"{1 / per_token:.1f} |")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, fp32, "
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, {args.dtype}, "
           f"document of {ids.shape[1]:,} tokens, {args.new_tokens} new tokens, greedy\n")
     print("| model | prompt tokens read | prefill s | prefill tokens/s | decode tokens/s |")
     print("|---|---|---|---|---|")

