@@ -76,8 +76,10 @@ def test_losses_are_summed_by_position_as_the_logits_give_them(single_rank, data
 def test_memory_size_at_evaluation_time(single_rank, data):
     loaded = loaded_model(data, memory_size=32)
     assert open_indexed_dataset(data).length.max() < 256
-    results = perplexity_cli.evaluate_conditions(loaded, data, [16, 256, 512])
+    kept = []  # what an interrupted evaluation would have kept after each pass
+    results = perplexity_cli.evaluate_conditions(loaded, data, [16, 256, 512], on_result=lambda r: kept.append(list(r)))
     assert list(results) == ["memory 16", "memory 256", "memory 512", "no memory"]
+    assert kept == [list(results)[:n] for n in range(1, 5)]
     assert loaded.memories.knn_layers[0].memory.capacity == 512
     by_size = {name: r.loss for name, r in results.items()}
     # A memory that holds every document whole gives the same result at any larger size ...

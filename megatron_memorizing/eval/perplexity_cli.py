@@ -6,7 +6,8 @@ by position in the document.
 Documents are streamed exactly as in training (one per slot, segment after segment, memory reset
 at each new document). Each memory size is a separate pass over the same documents; sizes larger
 than in training are allowed (the paper's evaluation at 65K after training at 8K), as memory is
-not a parameter. Writes a table to the terminal and perplexity.json / perplexity.png to --out.
+not a parameter. Writes a table to the terminal and perplexity.json / perplexity.png to --out;
+perplexity.json is rewritten after every pass, so an interrupted evaluation keeps what it measured.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.eval.loading import (
@@ -40,10 +41,13 @@ def reference_label(window: int) -> str:
 
 
 def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int], max_steps=None, progress=False,
-                        long_range_context: int = 4, reference: Optional[LoadedModel] = None) -> dict[str, Perplexity]:
+                        long_range_context: int = 4, reference: Optional[LoadedModel] = None,
+                        on_result: Callable[[dict[str, Perplexity]], None] = lambda results: None,
+                        ) -> dict[str, Perplexity]:
     """One pass per memory size, and one with memory disabled, over the same documents; with
     `reference` (the same checkpoint loaded to read longer segments), one more pass of it with
-    memory disabled: the long-context model the memory stands in for."""
+    memory disabled: the long-context model the memory stands in for. `on_result` is called with
+    the results so far after every pass (a long evaluation keeps what it has measured)."""
     bytes_per_id = load_tokenizer(dataset_tokenizer_path(data, read_manifest(data))).bytes_per_id()
     layout = loaded.config.model  # long-range tokens are those beyond *this* model's local attention
 
@@ -58,17 +62,22 @@ def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int],
                         bytes_per_id=bytes_per_id, long_range=long_range)
 
     results = {}
+
+    def measure(name: str, model: LoadedModel) -> None:
+        results[name] = run(model)
+        on_result(results)
+
     if layout.memory_layers:
         for size in memory_sizes:
             loaded.memories.resize(size)
-            results[memory_label(size)] = run(loaded)
+            measure(memory_label(size), loaded)
         with loaded.memories.disabled():
-            results[NO_MEMORY] = run(loaded)
+            measure(NO_MEMORY, loaded)
     else:
-        results[NO_MEMORY] = run(loaded)
+        measure(NO_MEMORY, loaded)
     if reference is not None:
         with reference.memories.disabled():
-            results[reference_label(reference.config.model.segment_length)] = run(reference)
+            measure(reference_label(reference.config.model.segment_length), reference)
     return results
 
 
@@ -189,8 +198,10 @@ def main(argv=None) -> int:
                      f"not a whole number of --reference-window {args.reference_window} segments: pick a window "
                      f"that divides it, or leave out --max-steps")
     reference = load_reference(args) if args.reference_window else None
+    out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
     results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True,
-                                  long_range_context=args.long_range_context, reference=reference)
+                                  long_range_context=args.long_range_context, reference=reference,
+                                  on_result=lambda so_far: write_json(out / "perplexity.json", summary(loaded, data, so_far)))
 
     baseline = results.get(NO_MEMORY)
     print(f"{loaded.path} on {data} ({next(iter(results.values())).tokens:,.0f} tokens)")
@@ -205,8 +216,7 @@ def main(argv=None) -> int:
           "attention), by segments back; 0 (local): last seen inside it")
     print(table(["segments back", "tokens", *results], long_range_rows(results)))
 
-    out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
-    print(f"\nwrote {write_json(out / 'perplexity.json', summary(loaded, data, results))}")
+    print(f"\nwrote {out / 'perplexity.json'}")
     title = f"{loaded.path.parent.parent.name} step {loaded.step}: perplexity by position"
     print(f"wrote {plot(results, out / 'perplexity.png', title)}")
     return 0
