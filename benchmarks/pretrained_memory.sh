@@ -9,7 +9,8 @@
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
 #   eval RUN           evaluate a run (or `imported`: the memory import before training) on the first
 #                      24,576 tokens of each long held-out document (memory 4K / 16K / 65K, memory
-#                      disabled; for `imported` also the model's own 8K window)
+#                      disabled); REFERENCE=8192 adds the model's own window of that many tokens
+#                      (its local attention is unfused: hours on a 2-core CPU)
 #
 #   benchmarks/pretrained_memory.sh prepare
 #   benchmarks/pretrained_memory.sh memory18 1 & benchmarks/pretrained_memory.sh nomemory 1
@@ -46,10 +47,11 @@ for line in open(sys.argv[1]):
         exit 0 ;;
     eval)
         run=${2:?give a run name (a folder of $root) or imported}
-        checkpoint=$root/$run/checkpoints reference=()
-        [[ $run == imported ]] && checkpoint=$root/imported-memory18 reference=(--reference-window 8192)
-        # Six documents side by side, read one at a time (the 8K window's attention scores are
-        # slots x heads x 8K x 8K floats).
+        checkpoint=$root/$run/checkpoints
+        [[ $run == imported ]] && checkpoint=$root/imported-memory18
+        reference=(${REFERENCE:+--reference-window "$REFERENCE"})
+        # Six documents side by side, read one at a time (a long window's attention scores are
+        # slots x heads x window x window floats).
         exec "$bin/megatron-memorizing-eval" --checkpoint $checkpoint --data $data/validation-long \
             --set model.bf16=true --set model.micro_batch_size=1 --set model.num_micro_batches=6 --max-steps 48 \
             --memory-sizes 4096 16384 65536 "${reference[@]}" --out runs/eval/smollm2/$run ;;
