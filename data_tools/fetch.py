@@ -23,8 +23,9 @@ def _run(command: list[str], cwd: Path, hint: str) -> None:
         done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     except FileNotFoundError:
         raise FetchError(f"`{command[0]}` is not installed; {hint}") from None
-    if done.returncode != 0:
-        raise FetchError(f"`{' '.join(command)}` failed:\n{done.stderr.strip()}\n{hint}")
+    if done.returncode != 0:  # one line: what the tool said (its warnings aside), then the fix
+        said = [line.strip() for line in done.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+        raise FetchError(f"`{' '.join(command)}` failed: {'; '.join(said) or f'exit code {done.returncode}'}; {hint}")
 
 
 def _cached(kind: str, name: str, cache_dir: Path, fill) -> Path:
