@@ -34,7 +34,11 @@ def quantization(path: Path) -> dict[str, int]:
     """Tensor count per storage type (e.g. {'Q4_1': 210, 'F32': 61}): what the weights were stored as."""
     from gguf import GGUFReader
 
-    return dict(collections.Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors))
+    return _storage_types(GGUFReader(str(path)))
+
+
+def _storage_types(reader) -> dict[str, int]:
+    return dict(collections.Counter(t.tensor_type.name for t in reader.tensors))
 
 
 def gguf_to_hf(gguf_file: str | Path, output: str | Path) -> Path:
@@ -49,6 +53,7 @@ def gguf_to_hf(gguf_file: str | Path, output: str | Path) -> Path:
         raise GGUFError(f"{output} exists and is not a conversion of {gguf_file}: choose another output directory.")
     _check_packages()
     import transformers
+    from gguf import GGUFReader
 
     transformers.utils.logging.disable_progress_bar()
     where = dict(pretrained_model_name_or_path=str(gguf_file.parent), gguf_file=gguf_file.name)
@@ -62,7 +67,8 @@ def gguf_to_hf(gguf_file: str | Path, output: str | Path) -> Path:
             f"({', '.join(FAMILY.values())})."
         )
     model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-    tokenizer = _tokenizer(transformers.AutoTokenizer.from_pretrained(**where), gguf_file, config.vocab_size)
+    reader = GGUFReader(str(gguf_file))
+    tokenizer = _tokenizer(transformers.AutoTokenizer.from_pretrained(**where), reader.fields, config.vocab_size)
 
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +76,7 @@ def gguf_to_hf(gguf_file: str | Path, output: str | Path) -> Path:
     try:
         _write_weights(model, tmp)
         tokenizer.save_pretrained(str(tmp))
-        record = {"source": source, "quantization": quantization(gguf_file),
+        record = {"source": source, "quantization": _storage_types(reader),
                   "transformers": transformers.__version__}
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, output)
@@ -113,14 +119,12 @@ def _write_weights(model, directory: Path) -> None:
               metadata={"format": "pt"})
 
 
-def _tokenizer(loaded, gguf_file: Path, vocab_size: int):
-    """The tokenizer transformers read from the file, with the file's special tokens, and without
-    tokens beyond the model's vocabulary (transformers may add some, e.g. fill-in-the-middle markers)."""
-    from gguf import GGUFReader
+def _tokenizer(loaded, fields: dict, vocab_size: int):
+    """The tokenizer transformers read from the file, with the file's special tokens (`fields`: its
+    metadata), and without tokens beyond the model's vocabulary (transformers may add some, e.g.
+    fill-in-the-middle markers)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-
-    fields = GGUFReader(str(gguf_file)).fields
 
     def token(role: str):
         field = fields.get(f"tokenizer.ggml.{role}_token_id")
