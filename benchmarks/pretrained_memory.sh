@@ -7,6 +7,9 @@
 #                      lookup heads are, and no memory
 #   memory18 SEED      fine-tune the memory import: layers 18-30 only, bf16, 8 documents x 512 tokens
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
+#                      GATE_INIT (default 0: the gate starts at 0.5) and SCALARS_LR_MULT (default 100:
+#                      gate and temperature learn at 100x the learning rate) vary the memory arm; a
+#                      run with other values is named after them (finetune-memory18-gate-3-lrx1000-...)
 #   eval RUN           evaluate a run (or `imported`: the memory import before training) on the first
 #                      24,576 tokens of each long held-out document (memory 4K / 16K / 65K, memory
 #                      disabled); REFERENCE=8192 adds the model's own window of that many tokens
@@ -60,11 +63,20 @@ for line in open(sys.argv[1]):
 esac
 
 steps=${STEPS:-125}
-run=$root/finetune-$stage-$steps-seed$seed
-"$bin/megatron-memorizing-train" --config $root/imported-$stage/iter_0000000/config.yaml \
+gate_init=${GATE_INIT:-0} scalars_lr_mult=${SCALARS_LR_MULT:-100}
+imported=$root/imported-$stage variant=$stage
+if [[ $stage == memory18 && $gate_init != 0 ]]; then
+    imported=$root/imported-memory18-gate$gate_init variant=$variant-gate$gate_init
+    [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
+        --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[18]" \
+        --set model.memory_size=4096 --set model.gate_init="$gate_init"
+fi
+[[ $stage == memory18 && $scalars_lr_mult != 100 ]] && variant=$variant-lrx$scalars_lr_mult
+run=$root/finetune-$variant-$steps-seed$seed
+"$bin/megatron-memorizing-train" --config $imported/iter_0000000/config.yaml \
     --set data.train=$data/train --set data.validation=null --set data.seed="$seed" \
     --set model.bf16=true --set training.train_from_layer=18 \
     --set training.steps="$steps" --set optimizer.lr=1e-4 --set optimizer.min_lr=1e-5 \
-    --set optimizer.warmup_steps=10 --set optimizer.memory_scalars_lr_mult=100 \
+    --set optimizer.warmup_steps=10 --set optimizer.memory_scalars_lr_mult="$scalars_lr_mult" \
     --set checkpoint.interval=25 --set checkpoint.keep_last=6 \
     --set checkpoint.dir=$run/checkpoints --set logging.dir=$run --set logging.interval=5

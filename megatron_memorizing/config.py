@@ -12,11 +12,13 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.transformer_config import TransformerConfig
+
+if TYPE_CHECKING:  # Megatron is imported where a model is built: a config is checked without it
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,13 @@ class TransformerArchitecture:
     position_embedding_type: str = "rope"
     rotary_base: int = 10000
     rotary_percent: float = 1.0
+    # RoPE stretched beyond the pretraining context, as Megatron-LM's flags of the same names:
+    # rope_scaling/rope_scaling_factor give Llama 3.1/3.2's frequencies ("llama3" in Hugging Face;
+    # low/high frequency factors 1 and 4 over an original context of 8,192), and
+    # rotary_seq_len_interpolation_factor divides positions by itself ("linear").
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    rotary_seq_len_interpolation_factor: Optional[float] = None
     normalization: str = "LayerNorm"  # or "RMSNorm"
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # "gelu", "silu" or "relu"
@@ -109,6 +118,17 @@ class TransformerArchitecture:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary(self) -> dict:
+        """The rotary settings, as Megatron's GPTModel and RotaryEmbedding take them."""
+        return dict(
+            rotary_base=self.rotary_base,
+            rotary_percent=self.rotary_percent,
+            rope_scaling=self.rope_scaling,
+            rope_scaling_factor=self.rope_scaling_factor,
+            seq_len_interpolation_factor=self.rotary_seq_len_interpolation_factor,
+        )
 
     def validate_architecture(self) -> None:
         if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
@@ -130,6 +150,13 @@ class TransformerArchitecture:
             raise ConfigError(f"normalization={self.normalization!r}: use 'LayerNorm' or 'RMSNorm'.")
         if self.segment_length < 1:
             raise ConfigError(f"segment_length={self.segment_length} must be positive.")
+        interpolation = self.rotary_seq_len_interpolation_factor
+        if self.rope_scaling_factor <= 0 or (interpolation is not None and interpolation <= 0):
+            raise ConfigError("rope_scaling_factor and rotary_seq_len_interpolation_factor must be positive.")
+        if self.rope_scaling and self.rotary_seq_len_interpolation_factor is not None:
+            raise ConfigError(
+                "rope_scaling and rotary_seq_len_interpolation_factor are two ways of scaling RoPE: set one of them."
+            )
 
 
 @dataclass
@@ -305,8 +332,10 @@ class MemorizingConfig(ExecutionLayout, MemorySettings, TransformerArchitecture)
             fail(f"transformer_overrides sets {first_class}, which are model fields: set them as model.<field>.")
 
     # ---------------------------------------------------------------------------------------------
-    def transformer_config(self) -> TransformerConfig:
+    def transformer_config(self) -> "TransformerConfig":
         """The Megatron-Core TransformerConfig this model is built from."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
         cpu = not torch.cuda.is_available()
         recompute = {
             "none": {},

@@ -33,8 +33,7 @@ def build_model_chunk(
         post_process=last,
         share_embeddings_and_output_weights=config.share_embeddings_and_output_weights,
         position_embedding_type=config.position_embedding_type,
-        rotary_percent=config.rotary_percent,
-        rotary_base=config.rotary_base,
+        **config.rotary,
         vp_stage=vp_stage,
     )
 

@@ -22,17 +22,17 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class RotaryPositions:
     """The rotary frequencies GPTModel uses, available to core attention.
 
-    Built from the same settings as GPTModel's RotaryEmbedding, so the angles are identical.
+    Built from the same settings as GPTModel's RotaryEmbedding (`MemorizingConfig.rotary`: base,
+    percent, scaling), so the angles are identical.
     """
 
-    def __init__(self, config: TransformerConfig, rotary_base: int, rotary_percent: float):
+    def __init__(self, config: TransformerConfig, **rotary):
         self.config = config
         self.embedding = RotaryEmbedding(
             kv_channels=config.kv_channels,
-            rotary_percent=rotary_percent,
             rotary_interleaved=config.rotary_interleaved,
-            rotary_base=rotary_base,
             use_cpu_initialization=not torch.cuda.is_available(),
+            **rotary,
         )
 
     def freqs(self, length: int, offset: int, device: torch.device) -> torch.Tensor:

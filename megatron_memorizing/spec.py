@@ -43,11 +43,7 @@ def memorizing_layer_spec(
         return layer_spec
     spec = copy.deepcopy(layer_spec)
     attention = spec.submodules.self_attention.submodules
-    rotary = (
-        dict(rotary_base=config.rotary_base, rotary_percent=config.rotary_percent)
-        if config.position_embedding_type == "rope"
-        else None
-    )
+    rotary = config.rotary if config.position_embedding_type == "rope" else None
     xl_inputs = config.xl_cache and config.xl_cache_contents == "inputs"
     if xl_inputs:  # self-attention itself keeps and re-projects the previous segment
         self_attention = spec.submodules.self_attention

@@ -24,6 +24,8 @@ from megatron_memorizing.config import ConfigError, MemorizingConfig
         (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3), "divisible by pp\\*vpp=6"),
         (dict(hidden_size=100, num_attention_heads=8), "set kv_channels explicitly"),
         (dict(num_query_groups=3), "num_query_groups=3 must divide"),
+        (dict(rope_scaling=True, rotary_seq_len_interpolation_factor=2.0), "two ways of scaling RoPE"),
+        (dict(rotary_seq_len_interpolation_factor=0.0), "must be positive"),
     ],
 )
 def test_bad_config_names_the_fix(fields, message):

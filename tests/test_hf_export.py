@@ -46,6 +46,9 @@ VARIANTS = {
     ),
     "learned-absolute-two-memory-layers": dict(position_embedding_type="learned_absolute", memory_layers=(2, 4)),
     "softmax-mixing-xl-gqa": dict(memory_mixing="softmax", xl_cache=True, num_query_groups=2),
+    # Llama 3.1's scaled RoPE, and linear scaling, through the XL cache's rotations and the memory's un-rotation.
+    "llama3-rope-xl": dict(rope_scaling=True, rope_scaling_factor=8.0, xl_cache=True),
+    "linear-rope-xl": dict(rotary_seq_len_interpolation_factor=4.0, xl_cache=True),
 }
 
 

@@ -145,6 +145,68 @@ def test_a_model_imported_without_memory_exports_as_the_same_llama(single_rank, 
         transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text)
 
 
+# Llama 3.1's own scaling (factor 8; Llama 3.2: 32) and linear scaling, as transformers 5 writes them.
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+def test_scaled_rope_imports_and_exports_exactly(single_rank, tmp_path, fast_tokenizer, scaling):
+    """Llama 3.1/3.2 and linearly scaled models: the import computes transformers' logits, the
+    plain export gives the same model back, the export with memory the same first segment."""
+    rope = {**ROPE_SCALINGS[scaling], "rope_theta": SHAPE["rope_theta"]}
+    hf = hf_model("llama", tmp_path / "hf", fast_tokenizer, rope_parameters=rope, max_position_embeddings=65536)
+    unscaled = hf_model("llama", tmp_path / "unscaled", fast_tokenizer)  # the same weights (same seed)
+    segment = 128  # long enough for the slowed-down frequencies to move the logits
+    ids = torch.randint(0, SHAPE["vocab_size"], (SLOTS, segment), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert (unscaled(ids).logits - expected).abs().max().item() > 10 * TOLERANCE  # the scaling matters
+
+    import_model(tmp_path / "hf", tmp_path / "plain", {**IMPORT, "segment_length": segment, "memory_layers": []})
+    model, config = imported_model(tmp_path / "plain")
+    assert (megatron_logits_without_memory(model, ids) - expected).abs().max().item() < TOLERANCE
+    back = export(tmp_path / "plain", tmp_path / "back")
+    assert json.loads((back / "config.json").read_text())["rope_parameters"] == rope
+    with torch.no_grad():
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(back).eval()(ids).logits, expected)
+
+    import_model(tmp_path / "hf", tmp_path / "memory", {**IMPORT, "segment_length": segment})
+    remote = transformers.AutoModelForCausalLM.from_pretrained(
+        export(tmp_path / "memory", tmp_path / "remote"), trust_remote_code=True).eval()
+    with torch.no_grad():  # a document's first segment: the memory is empty, the model is the pretrained one
+        assert (remote(ids).logits - expected).abs().max().item() < TOLERANCE
+
+
+def test_a_mistral_without_window_goes_back_as_mistral(single_rank, tmp_path, fast_tokenizer):
+    """Mistral v0.2 and later ship without a sliding window: the same computation as a Llama, but
+    the architecture a user imported is the one they get back."""
+    hf = hf_model("mistral", tmp_path / "hf", fast_tokenizer, sliding_window=None)
+    import_model(tmp_path / "hf", tmp_path / "ckpt", {**IMPORT, "memory_layers": []})
+    out = export(tmp_path / "ckpt", tmp_path / "back")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architectures"], config["model_type"], config["sliding_window"]) == (["MistralForCausalLM"], "mistral", None)
+    ids = tokens()
+    with torch.no_grad():
+        assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, hf(ids).logits)
+
+
+def test_a_qwen2_with_its_window_switched_off_imports(single_rank, tmp_path, fast_tokenizer):
+    """Qwen2 checkpoints ship `use_sliding_window: false` beside a `sliding_window` value."""
+    hf = hf_model("qwen2", tmp_path / "hf", fast_tokenizer)
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**saved, "use_sliding_window": False, "sliding_window": 16}))
+    import_model(tmp_path / "hf", tmp_path / "ckpt", {**IMPORT, "memory_layers": []})
+    model, config = imported_model(tmp_path / "ckpt")
+    assert config.sliding_window is None
+    ids = tokens()
+    with torch.no_grad():
+        assert (megatron_logits_without_memory(model, ids) - hf(ids).logits).abs().max().item() < TOLERANCE
+
+
 def test_a_sentencepiece_model_becomes_a_llama_tokenizer_with_the_same_ids(tokenizer_model):
     text = (STDLIB / "argparse.py").read_text()[:20000] + "\n\t  é 日本語 \U0001f600\n\n"
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
@@ -242,9 +304,11 @@ REFUSALS = {
     "outside the family": (dict(kind="gpt2"), [], "not in the Llama family"),
     "heads not divisible by TP": (dict(), ["model.tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     "no tokenizer": (dict(tokenizer=False), [], "has no tokenizer"),
-    "scaled rope": (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-                    [], "rope scaling of type 'llama3'"),
+    "llama3 rope of another original context": (
+        dict(rope_parameters={**ROPE_SCALINGS["llama3"], "rope_theta": 50000.0, "original_max_position_embeddings": 64}),
+        [], "rope scaling 'llama3' with .*'original_max_position_embeddings': 64"),
+    "yarn rope": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
+                                        "original_max_position_embeddings": 32}), [], "rope scaling of type 'yarn'"),
     "segment beyond the pretrained context": (dict(), ["model.segment_length=256"], "max_position_embeddings=128"),
     "window shorter than a segment": (dict(kind="mistral", sliding_window=16), [], "sliding_window=16"),
     "architecture overridden": (dict(), ["model.hidden_size=32"], "come.* from config.json"),
@@ -276,6 +340,20 @@ def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_mo
     assert re.search(message, error), error
     assert not (tmp_path / "ckpt").exists()
     assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_a_refusal_comes_before_megatron_is_imported(tmp_path, tokenizer_model):
+    """What the Hugging Face directory holds is checked first: a refusal does not wait seconds to
+    minutes for Megatron-Core to import."""
+    hf_model("llama", tmp_path / "hf", tokenizer_model)
+    (tmp_path / "hf" / "tokenizer.model").unlink()
+    script = ("import sys; from megatron_memorizing.hf.importer import main; "
+              f"code = main(['--hf-model', {str(tmp_path / 'hf')!r}, '--output', {str(tmp_path / 'ckpt')!r}, "
+              f"'--set', 'model.segment_length={SEGMENT}']); "
+              "print(code, 'megatron.core' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
+    assert "has no tokenizer" in result.stderr
 
 
 def test_an_existing_output_is_refused_and_left_alone(tmp_path, tokenizer_model):

@@ -37,6 +37,8 @@ class MemorizingGPTConfig(PretrainedConfig):
         position_embedding_type: str = "rope",
         rotary_base: float = 10000.0,
         rotary_percent: float = 1.0,
+        rope_scaling_type: str | None = None,
+        rope_scaling_factor: float = 1.0,
         segment_length: int = 512,
         memory_layers: list[int] | None = None,
         memory_size: int = 8192,
@@ -65,6 +67,10 @@ class MemorizingGPTConfig(PretrainedConfig):
         self.position_embedding_type = position_embedding_type
         self.rotary_base = rotary_base
         self.rotary_percent = rotary_percent
+        # RoPE stretched beyond the pretraining context: "llama3" (Llama 3.1/3.2's frequencies, an
+        # original context of 8,192, low/high frequency factors 1 and 4) or "linear" (positions / factor).
+        self.rope_scaling_type = rope_scaling_type
+        self.rope_scaling_factor = rope_scaling_factor
         self.segment_length = segment_length
         # 1-based layer numbers, as in training configs (the paper's memory layer is 9 of 12).
         self.memory_layers = list(memory_layers) if memory_layers is not None else [max(1, round(0.75 * num_hidden_layers))]
@@ -84,6 +90,8 @@ class MemorizingGPTConfig(PretrainedConfig):
             problems.append(f"normalization={self.normalization!r} (use one of {_NORMALIZATIONS})")
         if self.position_embedding_type not in _POSITION_EMBEDDINGS:
             problems.append(f"position_embedding_type={self.position_embedding_type!r} (use one of {_POSITION_EMBEDDINGS})")
+        if self.rope_scaling_type not in (None, "llama3", "linear"):
+            problems.append(f"rope_scaling_type={self.rope_scaling_type!r} (use 'llama3', 'linear' or null)")
         if self.hidden_act not in _ACTIVATIONS:
             problems.append(f"hidden_act={self.hidden_act!r} (use one of {_ACTIVATIONS})")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -37,7 +37,7 @@ from megatron_memorizing.data.tokenizer import file_sha256, load_tokenizer
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
-from megatron_memorizing.hf.llama_family import standard_class, standard_config
+from megatron_memorizing.hf.llama_family import rope_scaling, standard_class, standard_config
 from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_hf
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -217,6 +217,7 @@ def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None
         position_embedding_type=config.position_embedding_type,
         rotary_base=config.rotary_base,
         rotary_percent=config.rotary_percent,
+        **rope_scaling(config),
         segment_length=config.segment_length,
         memory_layers=list(config.memory_layers),
         memory_size=memory_size or config.memory_size,
@@ -260,7 +261,7 @@ def export(
     if staging.exists():  # left by an export that was killed, or somebody else's
         _check_written_by_export(staging, "use it as the staging directory of this export")
     source = read_checkpoint(checkpoint, tokenizer)
-    class_name = standard_class(source.config)
+    class_name = standard_class(source.config, imported_config(source).get("model_type"))
     if class_name is None:
         model, save_tokenizer = remote_code_model(source, memory_size)
     else:
@@ -328,14 +329,19 @@ def standard_model(source: Checkpoint, class_name: str):
             # import of this export then checks datasets against.
             shutil.copy(source.tokenizer, Path(directory) / "tokenizer.model")
     fields = {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id") for kind in ("bos", "eos", "pad")}
-    origin = source.iteration_dir / IMPORTED_CONFIG_FILE  # an imported model's: its pretrained context
-    positions = json.loads(origin.read_text()).get("max_position_embeddings") if origin.is_file() else None
+    positions = imported_config(source).get("max_position_embeddings")  # an imported model's pretrained context
     fields["max_position_embeddings"] = max(positions or 0, source.config.segment_length)
     config = standard_config(source.config, class_name, fields)
     model = getattr(transformers, class_name)(config)
     megatron, _ = load_megatron_state(source)
     _load_hf_weights(model, megatron)
     return model, save_tokenizer
+
+
+def imported_config(source: Checkpoint) -> dict:
+    """The config.json of the Hugging Face model the checkpoint was imported from ({} if none)."""
+    origin = source.iteration_dir / IMPORTED_CONFIG_FILE
+    return json.loads(origin.read_text()) if origin.is_file() else {}
 
 
 def standard_tokenizer(source: Checkpoint):

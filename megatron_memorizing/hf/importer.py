@@ -150,6 +150,14 @@ def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None 
 
 
 def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path) -> Path:
+    # What the directory holds is checked before Megatron is imported: a refusal takes seconds.
+    hf = read_hf_config(hf_dir)
+    try:
+        config = model_config(hf, overrides)
+    except UnsupportedModel as error:
+        raise HFImportError(f"{source}: {error}") from None
+    files = tokenizer_files(hf_dir)
+
     from megatron.core import parallel_state
 
     from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR
@@ -158,12 +166,6 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
     from megatron_memorizing.training.checkpoint import Checkpointer
     from megatron_memorizing.training.config import CheckpointConfig, RunConfig
 
-    hf = read_hf_config(hf_dir)
-    try:
-        config = model_config(hf, overrides)
-    except UnsupportedModel as error:
-        raise HFImportError(f"{source}: {error}") from None
-    files = tokenizer_files(hf_dir)
     # Built in one process; the memory buffers are not saved, so they are kept small.
     single = dataclasses.replace(
         config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,

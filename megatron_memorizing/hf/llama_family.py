@@ -37,12 +37,6 @@ def model_fields(hf) -> dict:
     if hf.hidden_act != "silu":
         raise UnsupportedModel(f"hidden_act={hf.hidden_act!r}: the Llama family's MLP is SwiGLU (silu).")
     theta, scaling = _rope(hf)
-    if scaling != "default":
-        raise UnsupportedModel(
-            f"rope scaling of type {scaling!r} is not supported: only unscaled RoPE (rope_type 'default') is "
-            f"imported, so that positions mean what they meant in pretraining. Models with scaled RoPE "
-            f"(e.g. Llama 3.1's 'llama3') cannot be imported yet."
-        )
     if float(theta) != int(theta):
         raise UnsupportedModel(f"rope_theta={theta} is not a whole number, which Megatron's rotary_base needs.")
     heads = hf.num_attention_heads
@@ -57,6 +51,7 @@ def model_fields(hf) -> dict:
         position_embedding_type="rope",
         rotary_base=int(theta),
         rotary_percent=1.0,
+        **_rope_scaling_fields(scaling),
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.rms_norm_eps),
         activation="silu",
@@ -72,13 +67,60 @@ def max_positions(hf) -> int:
     return int(hf.max_position_embeddings)
 
 
-def _rope(hf) -> tuple[float, str]:
-    """(theta, rope type) from transformers 5's rope_parameters, or the older rope_theta/rope_scaling."""
+def _rope(hf) -> tuple[float, dict]:
+    """(theta, scaling) from transformers 5's rope_parameters, or the older rope_theta/rope_scaling;
+    scaling holds rope_type ("default" when unscaled) and its parameters."""
     parameters = getattr(hf, "rope_parameters", None) or {}
-    scaling = getattr(hf, "rope_scaling", None) or {}
-    theta = parameters.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    kind = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return theta, kind
+    scaling = {**(getattr(hf, "rope_scaling", None) or {}), **parameters}
+    theta = scaling.pop("rope_theta", getattr(hf, "rope_theta", 10000.0))
+    scaling["rope_type"] = scaling.get("rope_type") or scaling.pop("type", None) or "default"
+    return theta, scaling
+
+
+# Llama 3.1/3.2's scaling as Megatron-Core implements it: only the factor varies.
+LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _rope_scaling_fields(scaling: dict) -> dict:
+    """Model fields of a Hugging Face rope scaling; what Megatron-Core cannot compute is refused."""
+    kind = scaling["rope_type"]
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        return dict(rotary_seq_len_interpolation_factor=float(scaling["factor"]))
+    if kind == "llama3":
+        other = {k: scaling.get(k) for k, v in LLAMA3_FIXED.items() if float(scaling.get(k, v)) != v}
+        if other:
+            raise UnsupportedModel(
+                f"rope scaling 'llama3' with {other}: Megatron-Core computes Llama 3.1/3.2's scaling "
+                f"({', '.join(f'{k}={v:g}' for k, v in LLAMA3_FIXED.items())}) with any factor, not other values."
+            )
+        return dict(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
+    raise UnsupportedModel(
+        f"rope scaling of type {kind!r} is not supported: RoPE unscaled, 'llama3' (Llama 3.1/3.2) and 'linear' "
+        f"are imported, so that positions mean what they meant in pretraining."
+    )
+
+
+def rope_scaling(config: MemorizingConfig) -> dict:
+    """The exported model's rope scaling (rope_scaling_type and rope_scaling_factor of
+    MemorizingGPTConfig); empty when unscaled."""
+    if config.rope_scaling:
+        return dict(rope_scaling_type="llama3", rope_scaling_factor=config.rope_scaling_factor)
+    if config.rotary_seq_len_interpolation_factor is not None:
+        return dict(rope_scaling_type="linear", rope_scaling_factor=config.rotary_seq_len_interpolation_factor)
+    return {}
+
+
+def _rope_parameters(config: MemorizingConfig) -> dict:
+    """transformers' rope_parameters of `config`."""
+    scaled = rope_scaling(config)
+    parameters = {"rope_type": scaled.get("rope_scaling_type", "default"), "rope_theta": float(config.rotary_base)}
+    if scaled:
+        parameters["factor"] = scaled["rope_scaling_factor"]
+    if config.rope_scaling:
+        parameters.update(LLAMA3_FIXED)
+    return parameters
 
 
 def _biases(hf) -> dict:
@@ -109,9 +151,11 @@ def _sliding_window(hf):
 # Back: a model without memory as the standard class it is
 
 
-def standard_class(config: MemorizingConfig) -> str | None:
+def standard_class(config: MemorizingConfig, imported_as: str | None = None) -> str | None:
     """The Llama-family class that computes exactly what `config` computes, or None (then only
-    the remote-code export represents it): memory layers and the XL cache are this project's."""
+    the remote-code export represents it): memory layers and the XL cache are this project's.
+    `imported_as`, the model_type a model was imported from, is kept when it fits: a Mistral
+    without a sliding window (v0.2 and later) goes back as Mistral, not as the Llama it equals."""
     plain = (
         not config.memory_layers
         and not config.xl_cache
@@ -124,9 +168,16 @@ def standard_class(config: MemorizingConfig) -> str | None:
     )
     if not plain:
         return None
-    if config.add_qkv_bias and not config.add_bias_linear:
-        return None if config.sliding_window else FAMILY["qwen2"]
-    return FAMILY["mistral"] if config.sliding_window else FAMILY["llama"]
+    qkv_bias_only = config.add_qkv_bias and not config.add_bias_linear
+    fits = {
+        "llama": not qkv_bias_only and not config.sliding_window,
+        "qwen2": qkv_bias_only and not config.sliding_window,
+        "mistral": not config.add_bias_linear and not config.add_qkv_bias,
+    }
+    if fits.get(imported_as):
+        return FAMILY[imported_as]
+    preferred = "mistral" if config.sliding_window else "qwen2" if qkv_bias_only else "llama"
+    return FAMILY[preferred] if fits[preferred] else None
 
 
 def standard_config(config: MemorizingConfig, class_name: str, extra: dict):
@@ -145,7 +196,7 @@ def standard_config(config: MemorizingConfig, class_name: str, extra: dict):
         head_dim=config.head_dim,
         hidden_act="silu",
         rms_norm_eps=config.layernorm_epsilon,
-        rope_theta=float(config.rotary_base),
+        rope_parameters=_rope_parameters(config),
         tie_word_embeddings=config.share_embeddings_and_output_weights,
         initializer_range=config.init_method_std,
         architectures=[class_name],

@@ -178,6 +178,7 @@ def _rotate(x: torch.Tensor, start: int, config: MemorizingGPTConfig) -> torch.T
         return x
     dim = int(config.head_dim * config.rotary_percent)
     inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+    inv_freq = _scaled_frequencies(inv_freq, config)
     positions = torch.arange(x.shape[2], dtype=torch.float32, device=x.device) + start
     angles = torch.outer(positions, inv_freq).repeat(1, 2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -185,6 +186,23 @@ def _rotate(x: torch.Tensor, start: int, config: MemorizingGPTConfig) -> torch.T
     first, second = rotary.chunk(2, dim=-1)
     rotated = rotary * cos + torch.cat([-second, first], dim=-1) * sin
     return torch.cat([rotated, rest], dim=-1)
+
+
+def _scaled_frequencies(inv_freq: torch.Tensor, config: MemorizingGPTConfig) -> torch.Tensor:
+    """RoPE frequencies for a context stretched `rope_scaling_factor` times. "linear" slows every
+    frequency down by the factor; "llama3" (Llama 3.1/3.2) only those whose wavelength exceeds the
+    original 8,192-token context, keeps those shorter than a quarter of it, and blends in between."""
+    factor = config.rope_scaling_factor
+    if config.rope_scaling_type == "linear":
+        return inv_freq / factor
+    if config.rope_scaling_type != "llama3":
+        return inv_freq
+    context, low_freq_factor, high_freq_factor = 8192, 1.0, 4.0
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    kept_or_blended = torch.where(wavelength < context / high_freq_factor, inv_freq, blended)
+    return torch.where(wavelength > context / low_freq_factor, inv_freq / factor, kept_or_blended)
 
 
 def top_k_inner_product(queries, keys, k: int, backend: str = "torch", chunk_size: int = 8192):
