@@ -207,6 +207,21 @@ def test_a_qwen2_with_its_window_switched_off_imports(single_rank, tmp_path, fas
         assert (megatron_logits_without_memory(model, ids) - hf(ids).logits).abs().max().item() < TOLERANCE
 
 
+def test_bfloat16_weights_stay_bfloat16_from_import_to_export(single_rank, tmp_path, fast_tokenizer):
+    """The source's precision is kept by default: bfloat16 in, the checkpoint and the export in
+    bfloat16, every tensor bit-identical (no float32 detour that would double the memory)."""
+    hf = hf_model("llama", tmp_path / "fp32", fast_tokenizer)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    for f in fast_tokenizer.iterdir():
+        shutil.copy(f, tmp_path / "hf" / f.name)
+    import_model(tmp_path / "hf", tmp_path / "ckpt", {**IMPORT, "memory_layers": []})
+    assert RunConfig.load(tmp_path / "ckpt" / "iter_0000000" / "config.yaml").model.bf16
+    out = export(tmp_path / "ckpt", tmp_path / "back")
+    original, exported = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert {t.dtype for t in exported.values()} == {torch.bfloat16} and sorted(original) == sorted(exported)
+    assert all(torch.equal(original[name], exported[name]) for name in original)
+
+
 def test_a_sentencepiece_model_becomes_a_llama_tokenizer_with_the_same_ids(tokenizer_model):
     text = (STDLIB / "argparse.py").read_text()[:20000] + "\n\t  é 日本語 \U0001f600\n\n"
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))

@@ -15,16 +15,20 @@ which data_tools and the trainer check datasets against). Train from it:
     megatron-memorizing-train --config CKPT_DIR/iter_0000000/config.yaml --set checkpoint.dir=runs/ft ...
 
 (its config sets checkpoint.init_from=CKPT_DIR). The import runs in one process and holds the
-whole model in memory once, in float32 unless `--set model.bf16=true`.
+converted weights once (each tensor is read from its file when its turn comes), in the files'
+precision: bfloat16 files give a bfloat16 model (`model.bf16: true`), others float32; `--set
+model.bf16=...` chooses.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -85,36 +89,69 @@ def tokenizer_files(directory: Path) -> dict[str, Path]:
     return found
 
 
-def read_weights(directory: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class SafetensorsWeights(Mapping):
+    """The tensors of a Hugging Face directory by name, each read from its safetensors file when
+    asked for: an import holds one converted copy of the model, never the files' contents too."""
 
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise HFImportError(
-            f"{directory} has no model.safetensors (or its index): save the model with safe_serialization "
-            f"(the default of save_pretrained)."
-        )
-    weights = {}
-    for name in files:
-        weights.update({key: t.to(dtype) for key, t in load_file(str(directory / name)).items()})
-    return weights
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        elif (directory / "model.safetensors").is_file():
+            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+                self.files = {name: directory / "model.safetensors" for name in f.keys()}
+        else:
+            raise HFImportError(
+                f"{directory} has no model.safetensors (or its index): save the model with safe_serialization "
+                f"(the default of save_pretrained)."
+            )
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[name]), framework="pt") as f:  # mapped for this one tensor only
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def without(self, *names: str) -> "SafetensorsWeights":
+        lighter = copy.copy(self)
+        lighter.files = {name: file for name, file in self.files.items() if name not in names}
+        return lighter
+
+    def floating_types(self) -> set[str]:
+        """The floating-point types the files store, as safetensors names them ("BF16", "F32", ...)."""
+        from safetensors import safe_open
+
+        found = set()
+        for file in set(self.files.values()):
+            with safe_open(str(file), framework="pt") as f:
+                found |= {f.get_slice(name).get_dtype() for name in f.keys()}
+        return {kind for kind in found if kind.startswith(("F", "BF"))}
 
 
-def megatron_weights(hf_weights: dict, config: MemorizingConfig, expected: dict) -> dict:
-    """`hf_weights` under Megatron's names, checked against the model's `expected` state dict:
-    every tensor there and of its shape, except the memory parameters the import adds."""
+def megatron_weights(hf_weights: SafetensorsWeights, config: MemorizingConfig, expected: dict) -> dict:
+    """`hf_weights` under Megatron's names, each in the dtype of the model's `expected` state dict
+    and checked against it: every tensor there and of its shape, except the memory parameters the
+    import adds."""
     from megatron_memorizing.knn_attention import MEMORY_PARAMETERS
 
-    if config.share_embeddings_and_output_weights:
-        hf_weights = {k: v for k, v in hf_weights.items() if k != "lm_head.weight"}
+    if config.share_embeddings_and_output_weights:  # the output layer is the embedding
+        hf_weights = hf_weights.without("lm_head.weight")
     layout = Layout(config.num_layers, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
                     config.head_dim, config.gated_linear_unit)
+
+    def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(expected[name].dtype) if name in expected else tensor
+
     try:
-        weights = to_megatron(hf_weights, layout)
+        weights = to_megatron(hf_weights, layout, cast)
     except WeightsMismatch as error:
         raise HFImportError(f"the weights do not fit config.json's architecture: {error}") from None
     missing = sorted(k for k in set(expected) - set(weights) if not k.endswith(MEMORY_PARAMETERS))
@@ -152,6 +189,9 @@ def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None 
 def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path) -> Path:
     # What the directory holds is checked before Megatron is imported: a refusal takes seconds.
     hf = read_hf_config(hf_dir)
+    weights = SafetensorsWeights(hf_dir)
+    if "bf16" not in overrides:  # the weights' own precision: bfloat16 in, bfloat16 out
+        overrides = {**overrides, "bf16": weights.floating_types() == {"BF16"}}
     try:
         config = model_config(hf, overrides)
     except UnsupportedModel as error:
@@ -178,10 +218,16 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
     elif torch.distributed.get_world_size() != 1:
         raise HFImportError("import runs in one process: call it outside of a multi-process job.")
     try:
-        model = build_model_chunk(single, use_transformer_engine=False)
+        # Shapes only (no memory, no initialisation thrown away): the weights come from the files,
+        # converted one tensor at a time, and take the parameters' place. The memory's own
+        # parameters are real from the start, at model.gate_init.
+        with torch.device("meta"):
+            model = build_model_chunk(single, use_transformer_engine=False)
         expected = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-        weights = megatron_weights(read_weights(hf_dir, torch.bfloat16 if config.bf16 else torch.float32), config, expected)
-        model.load_state_dict(weights, strict=False)
+        model.load_state_dict(megatron_weights(weights, config, expected), strict=False, assign=True)
+        unfilled = [name for name, t in model.state_dict().items() if isinstance(t, torch.Tensor) and t.is_meta]
+        if unfilled:
+            raise RuntimeError(f"the import left tensors without weights: {unfilled[:4]}")
         run = RunConfig(model=config, checkpoint=CheckpointConfig(dir=None, init_from=str(output.resolve())))
         copied = {f"{IMPORTED_TOKENIZER_DIR}/{name}": path for name, path in files.items()} | {IMPORTED_CONFIG_FILE: hf_dir / "config.json"}
         if "tokenizer.model" in files:

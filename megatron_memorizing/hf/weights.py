@@ -11,7 +11,7 @@ in the remote-code model only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -72,21 +72,32 @@ def to_hf(megatron: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def to_megatron(hf: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """Hugging Face names and layouts -> Megatron's fused ones (the inverse of `to_hf`)."""
-    source, out = dict(hf), {}
+def to_megatron(
+    hf: Mapping[str, torch.Tensor], layout: Layout, cast: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+) -> dict[str, torch.Tensor]:
+    """Hugging Face names and layouts -> Megatron's fused ones (the inverse of `to_hf`).
+
+    Each tensor of `hf` is read once, when its turn comes, and `cast(megatron_name, tensor)` is all
+    that is kept of it: a mapping that reads tensors from files on access is never held whole.
+    """
+    remaining, out = set(hf), {}
+
+    def take(name: str) -> torch.Tensor:
+        remaining.remove(name)
+        return hf[name]
+
     for mine, theirs in _renamings(layout):
-        if theirs in source:
-            out[mine] = source.pop(theirs)
+        if theirs in remaining:
+            out[mine] = cast(mine, take(theirs)).contiguous()
     for fused in _fused_tensors(layout):
-        parts = [source.pop(name, None) for name in fused.parts]
-        if all(part is not None for part in parts):
-            out[fused.megatron] = fused.join(parts)
-        elif any(part is not None for part in parts):
-            missing = [name for name, part in zip(fused.parts, parts) if part is None]
+        present = [name in remaining for name in fused.parts]
+        if all(present):
+            out[fused.megatron] = cast(fused.megatron, fused.join([take(name) for name in fused.parts])).contiguous()
+        elif any(present):
+            missing = [name for name, there in zip(fused.parts, present) if not there]
             raise WeightsMismatch(f"{fused.megatron} is made of {', '.join(fused.parts)}; missing: {', '.join(missing)}")
-    _refuse_leftovers(source)
-    return {name: t.contiguous() for name, t in out.items()}
+    _refuse_leftovers(remaining)
+    return out
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,6 @@ def _renamings(layout: Layout):
                 yield f"decoder.layers.{i}.{mine}{suffix}", f"model.layers.{i}.{theirs}{suffix}"
 
 
-def _refuse_leftovers(source: dict) -> None:
+def _refuse_leftovers(source) -> None:
     if source:
         raise WeightsMismatch(f"{len(source)} tensor(s) have no place in the target model, e.g. {sorted(source)[:4]}")
