@@ -16,6 +16,7 @@ from scripts.ckpt_weights import segment_losses, train_state
 from distributed import SCRIPTS, TorchrunError, run_torchrun
 from megatron_memorizing.data import IncompatibleError
 from megatron_memorizing.training.checkpoint import (
+    PARTIAL,
     TRACKER,
     Checkpointer,
     CheckpointError,
@@ -74,6 +75,7 @@ def test_resume_after_sigkill_replays_the_same_steps(data, tmp_path, nproc, back
 def test_keep_last_prunes_and_interrupted_saves_are_ignored(single_rank, data, tmp_path):
     root = tmp_path / "checkpoints"
     (root / "iter_0000002.tmp" / "model").mkdir(parents=True)  # a save that was killed
+    (root / "iter_0000002.tmp" / PARTIAL).touch()
     checkpointer = Checkpointer(CheckpointConfig(dir=str(root), keep_last=2))
     assert checkpointer.latest() is None
     state = train_state(data, root)
@@ -112,6 +114,28 @@ def test_pruning_deletes_only_this_runs_checkpoints(single_rank, data, tmp_path)
         state.step = step
         checkpointer.save(state)
     assert listing(root) == ["iter_0000005", "iter_0000006", "iter_0000300", TRACKER]
+
+
+def test_a_save_removes_only_the_leftovers_of_saves_and_deletions(single_rank, data, tmp_path):
+    """Interrupted saves and deletions leave marked `iter_*.tmp` folders; any other `*.tmp` is the
+    user's, kept, and one in the way of a save is refused untouched."""
+    root = tmp_path / "checkpoints"
+    (root / "old.tmp").mkdir(parents=True)
+    (root / "notes.tmp").write_text("mine")
+    (root / "iter_0000009.tmp").mkdir()  # the user's: no marker
+    for leftover in ("iter_0000001.tmp", "iter_0000001.deleted.tmp"):  # a killed save, a deletion cut short
+        (root / leftover / "model").mkdir(parents=True)
+        (root / leftover / PARTIAL).touch()
+    state = train_state(data, root)
+    state.step = 2
+    Checkpointer(state.run_config.checkpoint).save(state)
+    assert listing(root) == ["iter_0000002", "iter_0000009.tmp", TRACKER, "notes.tmp", "old.tmp"]
+    assert (root / "notes.tmp").read_text() == "mine" and not (root / "iter_0000002" / PARTIAL).exists()
+
+    state.step = 9
+    with pytest.raises(CheckpointError, match=r"iter_0000009.tmp is in the way of this save.*move it out"):
+        Checkpointer(state.run_config.checkpoint).save(state)
+    assert listing(root) == ["iter_0000002", "iter_0000009.tmp", TRACKER, "notes.tmp", "old.tmp"]
 
 
 def test_a_checkpoint_of_another_tokenizer_is_refused(single_rank, data, tmp_path):

@@ -4,6 +4,7 @@ only where a document outgrows the memory; the CLI from a saved checkpoint to ta
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,23 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_diverged_checkpoint_reports_an_infinite_perplexity(single_rank, data, tmp_path, capsys):
+    """Finite weights whose loss is past ~709 (a diverged run): exp overflows, the perplexity is inf."""
+    state = train_state(data, tmp_path / "run" / "checkpoints", segment_length=16)
+    with torch.no_grad():
+        state.model_chunks[0].output_layer.weight.mul_(1e9)
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+
+    out = tmp_path / "eval"
+    assert perplexity_cli.main(["--checkpoint", str(saved), "--data", data, "--memory-sizes", "16", "--max-steps", "2",
+                                "--out", str(out)]) == 0
+    report = json.loads((out / "perplexity.json").read_text())
+    for result in report["results"].values():
+        assert 1e3 < result["loss"] < math.inf and result["perplexity"] == math.inf
+        assert all(row["perplexity"] == math.inf for row in result["by_position"][1:])
+    assert " inf " in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def other_tokenizer_data(tmp_path_factory):
     """The same kind of data, tokenized with another tokenizer (another recall vocabulary)."""
@@ -179,3 +197,64 @@ def test_a_path_without_a_checkpoint_is_one_line_and_exit_2(command, tmp_path, c
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no complete checkpoint" in err and "iter_*" in err
+
+
+@pytest.fixture(scope="module")
+def saved(single_rank, data, tmp_path_factory):
+    """A checkpoint of the tiny model (memory in layer 3), with the run's validation split."""
+    state = train_state(data, tmp_path_factory.mktemp("run") / "checkpoints", segment_length=16)
+    state.run_config.data.validation = data
+    return Checkpointer(state.run_config.checkpoint).save(state)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--memory-sizes", "0"], "argument --memory-sizes: 0 is not allowed: it must be at least 1"),
+    (["--memory-sizes", "16", "-5"], "argument --memory-sizes: -5 is not allowed"),
+    (["--max-steps", "0"], "argument --max-steps: 0 is not allowed"),
+    (["--slots", "0"], "argument --slots: 0 is not allowed"),
+    (["--set", "model.memory_sizee=64"], "--set: unknown field(s) ['memory_sizee'] in model"),
+    ([], "iter_0000002.tmp is an incomplete checkpoint"),
+], ids=["memory-size-0", "memory-size-negative", "max-steps-0", "slots-0", "set-typo", "iter-tmp"])
+def test_bad_arguments_are_one_line_naming_them_and_exit_2(saved, tmp_path, capsys, args, named):
+    checkpoint = saved
+    if not args:  # what a save cut short, or discarded by the trainer's NaN guard, leaves
+        checkpoint = shutil.copytree(saved, tmp_path / "checkpoints" / "iter_0000002.tmp")
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_:
+        perplexity_cli.main(["--checkpoint", str(checkpoint), *args, "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # argparse puts its usage first
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1] and named in errors[0]
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model.memory_layers=[2]"], "memory_layers: saved [3], now [2]"),
+    (["model.memory_layers=[]"], "memory_layers: saved [3], now []"),
+    (["model.num_layers=6"], "num_layers: saved 4, now 6"),
+], ids=["moved", "dropped", "architecture"])
+def test_a_set_that_changes_the_trained_parameters_is_refused(saved, tmp_path, capsys, overrides, named):
+    """Evaluating another model than the trained one (a trained memory layer's parameters dropped,
+    new ones initialised) takes --allow-other-model."""
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_:
+        perplexity_cli.main(["--checkpoint", str(saved), *(f"--set={o}" for o in overrides), "--out", str(out)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "--allow-other-model" in err and not out.exists()
+
+
+def test_memory_layers_may_be_added_and_with_allow_other_model_moved(single_rank, data, saved, tmp_path):
+    """A checkpoint trained without memory, given a memory layer for a training-free look, needs no
+    flag; moving a trained memory layer evaluates another model, and needs --allow-other-model."""
+    vanilla_state = train_state(data, tmp_path / "vanilla" / "checkpoints", segment_length=16, memory_layers=())
+    vanilla = Checkpointer(vanilla_state.run_config.checkpoint).save(vanilla_state)
+    evaluate_briefly = ["--data", data, "--memory-sizes", "16", "--max-steps", "1"]
+    with pytest.warns(UserWarning, match="keep their initial values"):
+        assert perplexity_cli.main(["--checkpoint", str(vanilla), "--set", "model.memory_layers=[3]", *evaluate_briefly,
+                                    "--out", str(tmp_path / "look")]) == 0
+    assert "memory 16" in json.loads((tmp_path / "look" / "perplexity.json").read_text())["results"]
+    with pytest.warns(UserWarning, match="keep their initial values"):
+        assert perplexity_cli.main(["--checkpoint", str(saved), "--set", "model.memory_layers=[2]", "--allow-other-model",
+                                    *evaluate_briefly, "--out", str(tmp_path / "moved")]) == 0

@@ -309,8 +309,19 @@ def test_other_bad_inputs(checkpoint, tmp_path, tokenizer_model, capsys):
     assert export(run, tmp_path / "out", overwrite=True) == previous
     assert (previous / EXPORT_MARKER).is_file() and not (previous / "note").exists()
 
-    assert convert_main(["--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 1
+    assert convert_main(["--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_an_interrupted_or_discarded_save_is_not_exported(checkpoint, tmp_path, capsys):
+    """An `iter_*.tmp` (a save cut short, or weights the NaN guard discarded) is refused, as
+    training and evaluation refuse it: one line, exit 2, nothing written."""
+    run, _ = checkpoint
+    interrupted = shutil.copytree(run / "iter_0000100", tmp_path / "run" / "iter_0000102.tmp")
+    assert convert_main(["--checkpoint", str(interrupted), "--output", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "iter_0000102.tmp is an incomplete checkpoint" in err and TRACKER in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.tmp").exists()
 
 
 def test_overwrite_replaces_only_what_an_export_wrote(checkpoint, tmp_path):
@@ -321,10 +332,28 @@ def test_overwrite_replaces_only_what_an_export_wrote(checkpoint, tmp_path):
     (tmp_path / "notes.tmp").mkdir()
     (tmp_path / "notes.tmp" / "mine.txt").write_text("not an export")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    assert convert_main(["--checkpoint", str(run), "--output", str(victim), "--overwrite"]) == 1
+    assert convert_main(["--checkpoint", str(run), "--output", str(victim), "--overwrite"]) == 2
     with pytest.raises(ExportError, match=f"not written by megatron-memorizing-export.*{EXPORT_MARKER}"):
         export(run, victim, overwrite=True)
     # Nor is a folder that happens to sit where the export stages its files.
     with pytest.raises(ExportError, match="refusing to use it as the staging directory"):
         export(run, tmp_path / "notes")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_replaced_tmp_of_the_users_is_never_deleted(checkpoint, tmp_path, capsys):
+    """OUT.replaced.tmp is where `--overwrite` sets the earlier export aside: one of the user's is
+    left alone by an export that replaces nothing, and refused by one that would replace."""
+    run, _ = checkpoint
+    mine = tmp_path / "m.replaced.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    export(run, tmp_path / "m")
+    assert (mine / "notes.txt").read_text() == "mine"
+    capsys.readouterr()  # the export's progress bars
+
+    assert convert_main(["--checkpoint", str(run), "--output", str(tmp_path / "m"), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{mine} was not written by megatron-memorizing-export" in err
+    assert (mine / "notes.txt").read_text() == "mine" and (tmp_path / "m" / EXPORT_MARKER).is_file()
+    assert not (tmp_path / "m.tmp").exists()

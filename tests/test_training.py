@@ -282,3 +282,14 @@ def test_train_from_layer_keeps_the_layers_below_and_the_embedding_as_they_were(
     changed = {name for name in first if not torch.equal(first[name], second[name])}
     assert changed and all(name.startswith(("decoder.layers.1.", "decoder.final_layernorm")) for name in changed)
     assert "decoder.layers.1.self_attention.linear_qkv.weight" in changed
+
+
+def test_the_log_reports_an_overflowing_perplexity_as_inf(single_rank, tmp_path, capsys):
+    """A finite loss past ~709 (a diverging run) has no float exp: the log says inf, as evaluation does."""
+    from megatron_memorizing.training.config import LoggingConfig
+    from megatron_memorizing.training.logger import TrainingLogger
+
+    logger = TrainingLogger(LoggingConfig(dir=str(tmp_path), interval=1), total_steps=1, start_step=0)
+    logger.step(1, loss=1e11, tokens=64.0, lr=1e-3, grad_norm=1.0, memory_stats={})
+    logger.close()
+    assert "| ppl       inf |" in capsys.readouterr().out

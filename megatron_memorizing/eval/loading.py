@@ -4,7 +4,10 @@ forward pass that returns logits instead of a loss.
 The model is built from the checkpoint's own config.yaml, with tensor and pipeline parallelism
 set to 1 (weights are resharded on load) and, optionally, another number of memory slots:
 slots are per-document runtime state, not weights, so evaluation may stream more or fewer
-documents side by side than training did.
+documents side by side than training did. `--set` may change the config, but not which
+parameters the model has (its architecture, memory layers it trained) unless asked to: that would
+quietly evaluate another model. Memory layers added to a model are new parameters at their
+initial values: a model trained without memory, say, given one for a look.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from typing import Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
+from megatron_memorizing.config import ConfigError
 from megatron_memorizing.data import Batch, DataError, check_compatible, trained_tokenizer
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import initialize_distributed
-from megatron_memorizing.training.checkpoint import load_weights, resolve
+from megatron_memorizing.training.checkpoint import CheckpointError, load_weights, parameter_changes, read_info, resolve
 from megatron_memorizing.training.config import RunConfig
 
 SINGLE_PROCESS = (
@@ -64,38 +68,65 @@ def evaluation_data(loaded: LoadedModel, data: Optional[str], parser: argparse.A
     return prefix
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count (sizes, slots, steps): 0 or less is refused as the argument's error."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: it must be at least 1")
+    return value
+
+
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
-    """--checkpoint, --data and --set, which every evaluation command takes."""
+    """--checkpoint, --data, --set and --allow-other-model, which every evaluation command takes."""
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
     parser.add_argument("--data", help=f"{data_help} (default: the run's validation split)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a field of the checkpoint's config (repeatable)")
+    parser.add_argument("--allow-other-model", action="store_true",
+                        help="let --set drop or move the memory layers the checkpoint trained: their parameters "
+                             "are not loaded, new ones keep their initial values (refused without it)")
 
 
-def load_checkpoint_argument(args: argparse.Namespace, parser: argparse.ArgumentParser, slots: Optional[int]) -> LoadedModel:
-    """`load_checkpoint` of the command line's --checkpoint and --set; a path that holds no
-    checkpoint ends the command with one line saying so, not a traceback."""
+def load_checkpoint_argument(args: argparse.Namespace, parser: argparse.ArgumentParser, slots: Optional[int],
+                             overrides: Sequence[str] = ()) -> LoadedModel:
+    """`load_checkpoint` of the command line's --checkpoint and --set (then `overrides`); a path
+    that holds no checkpoint, a bad --set or a checkpoint that cannot be loaded as asked ends the
+    command with one line saying so (exit 2), not a traceback."""
     try:
-        return load_checkpoint(args.checkpoint, args.set, slots=slots)
+        return load_checkpoint(args.checkpoint, [*args.set, *overrides], slots=slots,
+                               allow_other_model=args.allow_other_model)
     except FileNotFoundError as error:
         parser.exit(2, f"{parser.prog}: error: --checkpoint {error}: pass a checkpoint directory written by "
                        f"megatron-memorizing-train (its latest iteration is read) or one iter_* directory in it\n")
+    except ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: --set: {error}\n")
+    except CheckpointError as error:
+        parser.exit(2, f"{parser.prog}: error: --checkpoint {error}\n")
 
 
-def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots: Optional[int] = None) -> LoadedModel:
+def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots: Optional[int] = None,
+                    allow_other_model: bool = False) -> LoadedModel:
     """Build the checkpoint's model in this process (TP=PP=1) and load its weights.
 
     `checkpoint` is an iteration directory or a checkpoint directory (its latest iteration);
     `overrides` are `section.field=value` strings as for training; `slots` sets the number of
-    documents streamed side by side (one micro-batch of that many sequences).
+    documents streamed side by side (one micro-batch of that many sequences). Overrides that drop
+    or reshape trained parameters are refused unless `allow_other_model`.
     """
     path = resolve(checkpoint)
     if path is None or not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint} holds no complete checkpoint (no config.yaml)")
+    read_info(path)  # an interrupted save, say: refused before the model is built
     layout = list(SINGLE_PROCESS)
     if slots is not None:
         layout += [f"model.micro_batch_size={slots}", "model.num_micro_batches=1"]
     config = RunConfig.load(path / "config.yaml", [*layout, *overrides])
+    changes = parameter_changes(RunConfig.load(path / "config.yaml").model, config.model)
+    if changes and not allow_other_model:
+        raise CheckpointError(
+            f"{path}: --set changes which parameters the model has ({changes}), so another model than the "
+            f"trained one would be evaluated: leave these fields as saved, or pass --allow-other-model."
+        )
     if not parallel_state.model_parallel_is_initialized():  # else a caller (a test, a notebook) did
         initialize_distributed(seed=config.training.seed)
     elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:

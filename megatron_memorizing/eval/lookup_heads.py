@@ -35,6 +35,7 @@ from megatron_memorizing.eval.loading import (
     evaluation_data,
     forward_logits,
     load_checkpoint_argument,
+    positive_int,
 )
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.segment_attention import SegmentAttention, local_attention_logits
@@ -188,8 +189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                          "earlier in the segment (default 4)")
     parser.add_argument("--threshold", type=float, default=0.2,
                         help="score from which a head is called a lookup head (default 0.2)")
-    parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training; "
-                                                  "fewer bound the attention maps held at once)")
+    parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in "
+                                                           "training; fewer bound the attention maps held at once)")
     parser.add_argument("--out", type=Path, help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
     if args.segments < 1 or args.n < 1:

@@ -23,6 +23,15 @@ from megatron_memorizing.training.step import forward_backward, sum_over_data_pa
 POSITION_EDGES = [0] + [2**i for i in range(24)]
 
 
+def perplexity_of(loss: float) -> float:
+    """exp(loss); inf where that exceeds the largest float (a loss above ~709, from a diverged but
+    finite model), a perplexity to report, not an error."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 @dataclass
 class Perplexity:
     loss_sum: float
@@ -41,7 +50,7 @@ class Perplexity:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        return perplexity_of(self.loss)
 
     @property
     def bits_per_byte(self) -> Optional[float]:
@@ -50,7 +59,7 @@ class Perplexity:
 
     def position_table(self) -> list[tuple[int, float, float]]:
         """(bucket start, perplexity, tokens) rows for buckets with tokens."""
-        return [(start, math.exp(s / n), n) for start, (s, n) in sorted(self.by_position.items()) if n > 0]
+        return [(start, perplexity_of(s / n), n) for start, (s, n) in sorted(self.by_position.items()) if n > 0]
 
 
 @torch.no_grad()

@@ -22,11 +22,11 @@ from megatron_memorizing.eval.loading import (
     LoadedModel,
     add_checkpoint_arguments,
     evaluation_data,
-    load_checkpoint,
     load_checkpoint_argument,
+    positive_int,
 )
 from megatron_memorizing.eval.long_range import LongRangeTokens
-from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate
+from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate, perplexity_of
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 
 NO_MEMORY = "no memory"
@@ -81,10 +81,10 @@ def evaluate_conditions(loaded: LoadedModel, data: str, memory_sizes: list[int],
     return results
 
 
-def load_reference(args: argparse.Namespace) -> LoadedModel:
+def load_reference(args: argparse.Namespace, parser: argparse.ArgumentParser) -> LoadedModel:
     """The checkpoint again, reading segments of `--reference-window` tokens with no XL cache."""
-    return load_checkpoint(args.checkpoint, [*args.set, f"model.segment_length={args.reference_window}",
-                                             "model.xl_cache=false"], slots=args.slots)
+    return load_checkpoint_argument(args, parser, slots=args.slots, overrides=[
+        f"model.segment_length={args.reference_window}", "model.xl_cache=false"])
 
 
 def bucket_end(start: int) -> int:
@@ -100,7 +100,7 @@ def position_rows(results: dict[str, Perplexity]) -> list[list[str]]:
     rows = []
     for start in starts:
         tokens = results[names[0]].by_position[start][1]
-        cells = [f"{math.exp(s / n):.3f}" for s, n in (results[name].by_position[start] for name in names)]
+        cells = [f"{perplexity_of(s / n):.3f}" for s, n in (results[name].by_position[start] for name in names)]
         rows.append([f"{start}-{bucket_end(start) - 1}", f"{tokens:,.0f}", *cells])
     return rows
 
@@ -152,12 +152,16 @@ def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> d
 def plot_by_position(curves: dict[str, tuple[list[tuple[int, float]], bool]], path: Path, title: str) -> Path:
     """One line per name: (bucket start, perplexity) points, and whether to dash the line."""
     figure, axes = new_figure()
+    shown = 0
     for name, (points, dashed) in curves.items():
+        points = [(start, ppl) for start, ppl in points if math.isfinite(ppl)]  # a diverged model's inf has no place
+        shown += len(points)
         # Buckets [0, 1), [1, 2), [2, 4), ...: plotted at their end, which a log axis can show.
         axes.plot([bucket_end(start) for start, _ in points], [ppl for _, ppl in points], marker="o",
                   label=name, linestyle="--" if dashed else "-")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
+    if shown:  # log axes cannot scale an empty plot
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
     axes.set_xlabel("position in the document (tokens, bucket end)")
     axes.set_ylabel("perplexity")
     axes.set_title(title)
@@ -174,14 +178,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-memorizing-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "dataset prefix to evaluate on")
-    parser.add_argument("--memory-sizes", type=int, nargs="+",
+    parser.add_argument("--memory-sizes", type=positive_int, nargs="+",
                         help="memory sizes to evaluate at (default: the training memory size)")
-    parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many segments per slot (default: all documents)")
-    parser.add_argument("--long-range-context", type=int, default=4, metavar="N",
+    parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in training)")
+    parser.add_argument("--max-steps", type=positive_int,
+                        help="stop after this many segments per slot (default: all documents)")
+    parser.add_argument("--long-range-context", type=positive_int, default=4, metavar="N",
                         help="a token is long-range when it and the N before it last occurred beyond local "
                              "attention (default 4)")
-    parser.add_argument("--reference-window", type=int, metavar="TOKENS",
+    parser.add_argument("--reference-window", type=positive_int, metavar="TOKENS",
                         help="also evaluate the same model with memory disabled reading segments of TOKENS "
                              "(e.g. segment + memory size): the long-context reference the memory approximates. "
                              "Beyond the segment length it was trained at, its positions are new to the model: "
@@ -197,7 +202,7 @@ def main(argv=None) -> int:
         parser.error(f"--max-steps {args.max_steps} covers {args.max_steps * segment:,} tokens of each document, "
                      f"not a whole number of --reference-window {args.reference_window} segments: pick a window "
                      f"that divides it, or leave out --max-steps")
-    reference = load_reference(args) if args.reference_window else None
+    reference = load_reference(args, parser) if args.reference_window else None
     out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
     results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True,
                                   long_range_context=args.long_range_context, reference=reference,

@@ -29,6 +29,7 @@ from megatron_memorizing.eval.loading import (
     evaluation_data,
     forward_logits,
     load_checkpoint_argument,
+    positive_int,
 )
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
@@ -168,8 +169,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.recall", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "recall-task dataset prefix")
-    parser.add_argument("--slots", type=int, help="documents streamed side by side (default: as in training)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many segments per slot (default: all)")
+    parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in training)")
+    parser.add_argument("--max-steps", type=positive_int, help="stop after this many segments per slot (default: all)")
     parser.add_argument("--out", type=Path, help="directory for recall.json and recall.png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 

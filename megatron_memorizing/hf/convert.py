@@ -14,7 +14,8 @@ resharded by dist_checkpointing, into a single-process (TP=1, PP=1) Megatron mod
 checkpoint's own config, then renamed and split into the layout of `modeling_memorizing_gpt.py`.
 The output holds config.json, (sharded) safetensors, the SentencePiece tokenizer and the modeling
 code, so loading it needs transformers, torch and sentencepiece only. It is written to OUT.tmp
-and renamed to OUT at the end: a failed export leaves no OUT behind.
+and renamed to OUT at the end: a failed export leaves no OUT behind. An earlier export that
+`--overwrite` replaces is moved to OUT.replaced.tmp first, and removed once the new one is in place.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def iteration_dir(path: Path) -> Path:
         raise ExportError(f"{path} is not a directory: pass a run directory or one of its iter_* directories.")
     tracker = path / TRACKER
     if not tracker.exists():
+        if path.name.endswith(".tmp"):  # training and evaluation refuse to load these too
+            raise ExportError(
+                f"{path} is an incomplete checkpoint (a save or deletion that was interrupted, or weights the trainer "
+                f"discarded as non-finite); export the one that {path.parent / TRACKER} names."
+            )
         return path
     text = tracker.read_text().strip()
     if not text.isdigit():
@@ -254,10 +260,14 @@ def export(
     """
     output = Path(output)
     staging = output.with_name(output.name + ".tmp")
-    if output.exists():
+    replaced = output.with_name(output.name + ".replaced.tmp")
+    replacing = output.exists()
+    if replacing:
         if not overwrite:
             raise ExportError(f"{output} already exists: choose another --output or pass --overwrite.")
         _check_written_by_export(output, "replace it")
+        if replaced.exists():  # left by an export killed while replacing, or somebody else's
+            _check_written_by_export(replaced, "use it to set aside the export being replaced")
     if staging.exists():  # left by an export that was killed, or somebody else's
         _check_written_by_export(staging, "use it as the staging directory of this export")
     source = read_checkpoint(checkpoint, tokenizer)
@@ -278,11 +288,13 @@ def export(
         )
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         save_tokenizer(staging)
-        replaced = output.with_name(output.name + ".replaced.tmp")
-        if output.exists():
+        if replacing:
+            shutil.rmtree(replaced, ignore_errors=True)  # checked above: an earlier export's, if there
             output.rename(replaced)
-        staging.rename(output)
-        shutil.rmtree(replaced, ignore_errors=True)
+            staging.rename(output)
+            shutil.rmtree(replaced)
+        else:
+            staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -414,8 +426,8 @@ def main(argv=None) -> int:
     try:
         out = export(args.checkpoint, args.output, args.memory_size, args.tokenizer, args.max_shard_size, args.overwrite)
     except ExportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        print(f"megatron-memorizing-export: error: {error}", file=sys.stderr)
+        return 2
     print(f"exported {out}")
     return 0
 

@@ -22,7 +22,8 @@ layout (and into a model with memory layers that the checkpoint's model lacked).
 
 A save is atomic: every rank writes into `iter_0000100.tmp/`, then rank 0 renames it and only
 then rewrites the tracker file. A run killed at any point leaves the previous checkpoint as the
-latest one; leftover `*.tmp` entries are ignored and removed by the next save. The trainer
+latest one; what it leaves (`iter_*.tmp` folders marked by a file `.megatron-memorizing-partial`)
+is ignored and removed by the next save; any other `*.tmp` in the folder is left alone. The trainer
 publishes a written checkpoint (`write`, then `publish`) only once the loss computed from its
 weights came out finite, so the checkpoint a diverged run names as good never holds the
 diverged weights.
@@ -54,6 +55,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
+from megatron_memorizing.config import MemorizingConfig
 from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR, checkpoint_tokenizers
 from megatron_memorizing.data.tokenizer import file_sha256
@@ -71,6 +73,11 @@ LOCK = ".lock"  # held by the run writing into the folder
 _DISK_FULL = 64 * 2**20  # bytes free below which a failed save is put down to a full disk
 _ITERATION = re.compile(r"iter_(\d{7,})")
 _TMP = ".tmp"
+# Left behind by a save or a deletion that was cut short: the names a save stages in and a deletion renames to.
+_LEFTOVER = re.compile(r"iter_\d{7,}(\.deleted)?\.tmp")
+# Written into a folder before a save writes anything else into it, and before a deletion renames it;
+# removed last. A leftover folder holding it is this project's to remove; one without it, the user's.
+PARTIAL = ".megatron-memorizing-partial"
 # Carried from an imported model's checkpoint into every checkpoint trained from it.
 IMPORTED_FILES = (IMPORTED_TOKENIZER_DIR, IMPORTED_CONFIG_FILE)
 # Model fields that shape the parameters, the memory contents or the per-slot state; a resumed
@@ -160,10 +167,7 @@ class Checkpointer:
                     f"checkpoint.dir {self.root} is not writable ({error.strerror or error}): fix its permissions "
                     f"or choose another checkpoint.dir."
                 )
-        verdict = [problem]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None:
-            raise CheckpointError(verdict[0])
+        _raise_on_every_rank(problem)
 
     # --- finding ---------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
@@ -217,8 +221,8 @@ class Checkpointer:
         final = iteration_dir(self.root, state.step)
         tmp = final.with_name(final.name + _TMP)
         with self._disk_full_named(tmp, state.step):
+            self._stage(tmp)
             if dist.get_rank() == 0:
-                self._remove_stale()
                 for part in ("model", "optimizer", "rank_state"):
                     (tmp / part).mkdir(parents=True)
                 info = {"format": FORMAT, "step": state.step, "layout": current_layout(),
@@ -242,6 +246,8 @@ class Checkpointer:
         partial save (only its own `*.tmp` directory)."""
         try:
             yield
+        except CheckpointError:  # refused before anything was written: no partial save to remove
+            raise
         except (OSError, RuntimeError) as error:
             if not (getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.root).free < _DISK_FULL):
                 raise
@@ -276,6 +282,7 @@ class Checkpointer:
         if final.exists():  # from a run killed before its tracker reached this step: never the latest
             _delete(final)
         os.rename(tmp, final)
+        (final / PARTIAL).unlink()  # complete; a run killed just before this leaves a harmless empty marker
         tracker = self.root / TRACKER
         staged = tracker.with_name(tracker.name + _TMP)
         with open(staged, "w") as f:
@@ -294,12 +301,25 @@ class Checkpointer:
         for step in ours[: -self.config.keep_last]:
             _delete(iteration_dir(self.root, step))
 
-    def _remove_stale(self) -> None:
-        for path in self.root.glob(f"*{_TMP}"):
-            if path.is_dir():
-                shutil.rmtree(path)
+    def _stage(self, tmp: Path) -> None:
+        """Create `tmp`, marked as a save in progress, after removing what interrupted saves and
+        deletions left (collective: rank 0 decides, every rank raises). A `tmp` that is not such a
+        leftover is refused untouched."""
+        problem = None
+        if dist.get_rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for path in self.root.iterdir():
+                if _LEFTOVER.fullmatch(path.name) and (path / PARTIAL).is_file():
+                    _remove_partial(path)
+            if tmp.exists():
+                problem = (
+                    f"{tmp} is in the way of this save, and it is not one an interrupted save left (it has no "
+                    f"{PARTIAL}): move it out of checkpoint.dir {self.root}."
+                )
             else:
-                path.unlink()
+                tmp.mkdir()
+                (tmp / PARTIAL).touch()
+        _raise_on_every_rank(problem)
 
     def write_weights_only(self, model_chunks, run_config: RunConfig, files: dict[str, Path] = {}, **info) -> Path:
         """Save the model weights alone as step 0, the latest checkpoint of an empty folder
@@ -308,9 +328,9 @@ class Checkpointer:
             raise CheckpointError(f"{self.root} already holds a checkpoint ({self.latest()}): choose an empty folder.")
         final = iteration_dir(self.root, 0)
         tmp = final.with_name(final.name + _TMP)
+        self._stage(tmp)
         if dist.get_rank() == 0:
-            self._remove_stale()
-            (tmp / "model").mkdir(parents=True)
+            (tmp / "model").mkdir()
             info = {"format": FORMAT, "step": 0, "layout": current_layout(), "weights_only": True, **info}
             (tmp / "checkpoint.json").write_text(json.dumps(info, indent=2) + "\n")
             run_config.save(tmp / "config.yaml")
@@ -330,7 +350,7 @@ class Checkpointer:
         """Restore `state` from checkpoint `path` (collective): weights, optimizer, memories, data
         stream, RNG states, step and extra. Needs the layout and the model that saved it."""
         path = resolve(path)
-        info = _read_info(path)
+        info = read_info(path)
         if info.get("weights_only"):
             raise CheckpointError(
                 f"{path} holds model weights only (an imported model), nothing to resume: start a run from it "
@@ -365,6 +385,15 @@ class Checkpointer:
         self._resumed_step = state.step
 
 
+def _raise_on_every_rank(problem: Optional[str]) -> None:
+    """Raise rank 0's `problem` (None: there is none) as a CheckpointError on every rank
+    (collective): a rank raising alone would leave the others waiting at the next collective."""
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
 def _step_of(path: Path) -> int:
     return int(_ITERATION.fullmatch(path.name).group(1))
 
@@ -372,7 +401,7 @@ def _step_of(path: Path) -> int:
 def _is_complete(path: Path) -> bool:
     """Whether `path` holds every part of a checkpoint, every rank's state included."""
     try:
-        info = _read_info(path)
+        info = read_info(path)
     except (CheckpointError, ValueError):
         return False
     return info.get("weights_only", False) or len(list((path / "rank_state").glob("rank_*.pt"))) == info.get("world_size")
@@ -407,6 +436,17 @@ def check_checkpoint_tokenizer(path: Path, tokenizer: Path) -> None:
         )
 
 
+def parameter_changes(saved: MemorizingConfig, model: MemorizingConfig) -> str:
+    """The fields in which `model` drops or reshapes parameters that a model configured as `saved`
+    trained ("field: saved X, now Y; ..."; "" if none): an architecture field, or memory_layers
+    without all of the saved ones. Memory layers added are new parameters, which `load_weights`
+    leaves at their initial values (a model trained without memory, given one for a look)."""
+    changed = [name for name in _WEIGHT_SHAPE_FIELDS if getattr(saved, name) != getattr(model, name)]
+    if not set(saved.memory_layers) <= set(model.memory_layers):
+        changed.append("memory_layers")
+    return _differences(saved, model, changed)
+
+
 def load_weights(path: str | Path, model_chunks) -> list[str]:
     """Model weights only (`checkpoint.init_from`), into a model of any TP/PP layout (collective).
 
@@ -415,7 +455,7 @@ def load_weights(path: str | Path, model_chunks) -> list[str]:
     shape is an error. Returns the names of the parameters left at their initial values.
     """
     path = resolve(path)
-    _read_info(path)
+    read_info(path)
     return _load_model(path / "model", [_unwrap(c) for c in model_chunks], allow_memory_mismatch=True)
 
 
@@ -492,17 +532,34 @@ def _copy_tokenizer(run_config: RunConfig, target: Path) -> None:
 
 
 def _delete(path: Path) -> None:
-    """Rename first, so that a deletion cut short leaves only a stale `*.tmp`, never a half checkpoint."""
+    """Rename first, so that a deletion cut short leaves only a marked `*.tmp` that the next save
+    removes, never a half checkpoint."""
+    (path / PARTIAL).touch()
     doomed = path.with_name(path.name + ".deleted" + _TMP)
     os.rename(path, doomed)
-    shutil.rmtree(doomed)
+    _remove_partial(doomed)
 
 
-def _read_info(path: Path) -> dict:
+def _remove_partial(path: Path) -> None:
+    """Remove a folder marked PARTIAL, the marker last: cut short, what is left is still marked."""
+    for entry in path.iterdir():
+        if entry.name == PARTIAL:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (path / PARTIAL).unlink()
+    path.rmdir()
+
+
+def read_info(path: Path) -> dict:
+    """checkpoint.json of the complete checkpoint `path` (an iteration directory); CheckpointError,
+    naming what is wrong, for anything else."""
     if path.name.endswith(_TMP):
         raise CheckpointError(
-            f"{path} is an incomplete checkpoint (a save or deletion was interrupted); load the one that "
-            f"{path.parent / TRACKER} names."
+            f"{path} is an incomplete checkpoint (a save or deletion that was interrupted, or weights the trainer "
+            f"discarded as non-finite); load the one that {path.parent / TRACKER} names."
         )
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist.")
@@ -539,13 +596,19 @@ def _check_same_model(path: Path, run_config: RunConfig) -> None:
     mine = run_config.model.to_dict()
     changed = [name for name in _RESUME_FIELDS if saved[name] != mine[name]]
     if changed:
-        differ = "; ".join(f"{name}: saved {saved[name]}, now {mine[name]}" for name in changed)
+        differ = _differences(saved_config.model, run_config.model, changed)
         if any(name in _WEIGHT_SHAPE_FIELDS for name in changed):
             fix = (f"its weights do not fit this model either, so train it from scratch in a fresh "
                    f"checkpoint.dir, or set the model back to the saved values")
         else:
             fix = f"to start from its weights instead, set checkpoint.init_from={path} and a fresh checkpoint.dir"
         raise CheckpointError(f"{path} was saved by another model ({differ}). Resuming needs the model that saved it; {fix}.")
+
+
+def _differences(saved: MemorizingConfig, model: MemorizingConfig, names: list[str]) -> str:
+    """"name: saved X, now Y" for each of `names`, as the config files write the values."""
+    saved, model = saved.to_dict(), model.to_dict()
+    return "; ".join(f"{name}: saved {saved[name]}, now {model[name]}" for name in names)
 
 
 # --- model weights ---------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ rank 0 at log steps only.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from megatron_memorizing.eval.perplexity import perplexity_of
 from megatron_memorizing.training.config import LoggingConfig
 
 
@@ -34,7 +34,7 @@ class TrainingLogger:
         """Record one finished step; `memory_stats` is this rank's (gathered to rank 0 when logging)."""
         self._tokens_since += tokens
         self.progress.update(1)
-        self.progress.set_postfix_str(f"loss {loss:.3f} ppl {math.exp(min(loss, 50)):.1f} lr {lr:.2e}")
+        self.progress.set_postfix_str(f"loss {loss:.3f} ppl {perplexity_of(loss):.1f} lr {lr:.2e}")
         if step % self.config.interval and step != self.progress.total:
             return
         gathered = [None] * dist.get_world_size()
@@ -46,7 +46,7 @@ class TrainingLogger:
         self._last_time, self._tokens_since = now, 0.0
         scalars = {
             "train/loss": loss,
-            "train/perplexity": math.exp(min(loss, 50)),
+            "train/perplexity": perplexity_of(loss),
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/tokens_per_s": tokens_per_s,
@@ -60,7 +60,7 @@ class TrainingLogger:
         gates = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/gate"))
         weights = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/memory_weight"))
         self.progress.write(
-            f"step {step:>6} | loss {loss:.4f} | ppl {math.exp(min(loss, 50)):9.2f} | lr {lr:.2e} | "
+            f"step {step:>6} | loss {loss:.4f} | ppl {perplexity_of(loss):9.2f} | lr {lr:.2e} | "
             f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"
             + (f" | {scalars['memory/gpu_max_allocated_gib']:.2f} GiB peak" if torch.cuda.is_available() else "")
             + (f" | gate {gates}" if gates else "")
