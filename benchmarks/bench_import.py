@@ -27,7 +27,7 @@ def llama_shape(params: float) -> dict:
     """A Llama-2-like shape (head dim 128, 4 query heads per KV head, SwiGLU of 8/3 x hidden) of
     about `params` parameters, vocabulary 32,000, untied."""
     vocab = 32000
-    for hidden in range(1024, 16384, 256):
+    for hidden in range(1024, 16384, 512):  # heads (hidden / 128) a multiple of the 4 per KV head
         ffn = 256 * round(8 * hidden / 3 / 256)
         heads = hidden // 128
         per_layer = hidden * (hidden + 2 * hidden // 4) + hidden * hidden + 3 * hidden * ffn
