@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
-from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, memory_label, plot_by_position
+from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, draw_by_position, memory_label, plot_by_position
 from megatron_memorizing.eval.report import new_figure, run_labels, save_figure, table
 
 Points = dict[str, list[tuple[int, float]]]  # per run, (training step, value) by step
@@ -161,14 +162,34 @@ def position_table(evaluations: dict[str, dict]) -> str:
                   for s in starts])
 
 
-def plot(evaluations: dict[str, dict], path: Path, title: str) -> Path:
-    """Each run at its training condition; runs trained without memory dashed."""
+def plot(evaluations: dict[str, dict], twins: dict[str, str], path: Path, title: str) -> Path:
+    """Each run at its training condition; runs trained without memory dashed. With a baseline, a
+    second panel shows each other run's change against it by position: gains of a percent are
+    invisible on the first panel's log scale."""
     curves = {
         run: ([(r["start"], r["perplexity"]) for r in e["results"][training_condition(e)]["by_position"]],
               not e["training_memory_size"])
         for run, e in evaluations.items()
     }
-    return plot_by_position(curves, path, title)
+    if not twins:
+        return plot_by_position(curves, path, title)
+    figure, (perplexity_axes, change_axes) = new_figure(width=12.0, columns=2)
+    draw_by_position(perplexity_axes, curves, title)
+    for i, (run, (points, _)) in enumerate(curves.items()):
+        if twins.get(run, run) == run:  # no baseline, or the baseline itself
+            continue
+        twin = dict(curves[twins[run]][0])
+        changes = [(bucket_end(start), 100 * (ppl / twin[start] - 1)) for start, ppl in points
+                   if start in twin and math.isfinite(ppl / twin[start])]
+        change_axes.plot(*zip(*changes), marker="o", label=run, color=f"C{i}")
+    change_axes.axhline(0.0, color="grey", linewidth=0.8)
+    change_axes.set_xscale("log", base=2)
+    change_axes.set_xlabel("position in the document (tokens, bucket end)")
+    change_axes.set_ylabel("perplexity vs baseline (%)")
+    change_axes.set_title(f"change against {next(iter(set(twins.values())))}" if len(set(twins.values())) == 1
+                          else "change against each run's baseline")
+    change_axes.legend()
+    return save_figure(figure, path)
 
 
 def main(argv=None) -> int:
@@ -176,7 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("evaluations", nargs="+", type=Path, help="directories written by megatron-memorizing-eval --out")
     parser.add_argument("--baseline", help="the run (directory name) the others are compared with; where several "
                                            "folders are passed, the one in each run's own folder")
-    parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run")
+    parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run (with --baseline "
+                                                   "also each run's change against it)")
     parser.add_argument("--title", default="perplexity by position in the document")
     parser.add_argument("--out-steps", type=Path,
                         help="PNG of perplexity over training steps, one line per training run (for evaluations "
@@ -203,7 +225,7 @@ def main(argv=None) -> int:
     print("\nperplexity by position in the document (each run at its training memory size)")
     print(position_table(evaluations))
     if args.out:
-        print(f"\nwrote {plot(evaluations, args.out, args.title)}")
+        print(f"\nwrote {plot(evaluations, twins, args.out, args.title)}")
     points = over_training(evaluations, run_of)
     if any(len(p) > 1 for p in points.values()):
         print("\nperplexity over training (each run at its training memory size)")

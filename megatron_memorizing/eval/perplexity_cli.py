@@ -152,6 +152,11 @@ def summary(loaded: LoadedModel, data: str, results: dict[str, Perplexity]) -> d
 def plot_by_position(curves: dict[str, tuple[list[tuple[int, float]], bool]], path: Path, title: str) -> Path:
     """One line per name: (bucket start, perplexity) points, and whether to dash the line."""
     figure, axes = new_figure()
+    draw_by_position(axes, curves, title)
+    return save_figure(figure, path)
+
+
+def draw_by_position(axes, curves: dict[str, tuple[list[tuple[int, float]], bool]], title: str) -> None:
     shown = 0
     for name, (points, dashed) in curves.items():
         points = [(start, ppl) for start, ppl in points if math.isfinite(ppl)]  # a diverged model's inf has no place
@@ -166,7 +171,6 @@ def plot_by_position(curves: dict[str, tuple[list[tuple[int, float]], bool]], pa
     axes.set_ylabel("perplexity")
     axes.set_title(title)
     axes.legend()
-    return save_figure(figure, path)
 
 
 def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
