@@ -94,6 +94,8 @@ def _train(args: argparse.Namespace) -> int:
             print(f"validation perplexity {label} {result.validation.perplexity:.3f}")
         if result.validation_without_memory is not None:
             print(f"validation perplexity memory disabled: {result.validation_without_memory.perplexity:.3f}")
+            print("(the same weights both times: the difference is how much this model reads its memory. What memory "
+                  "gains is measured against a twin trained without it, model.memory_layers=[]: docs/results.md)")
         print(f"tensorboard logs: {result.log_dir}   (tensorboard --logdir {result.log_dir})")
     return 0
 
