@@ -3,10 +3,13 @@
 Layout of OUT: corpus/{train,validation,test}.jsonl and corpus/stats.json, tokenizer.model,
 {train,validation,test}.{bin,idx,json}, and build.json, written last, recording the options.
 Re-running with the same options finds build.json and reports instead of rebuilding; different
-options, or an OUT that holds other files, need --force.
+options, or an OUT that holds other files, need --force. A build into a new or empty OUT that
+fails (a source of binary files, a vocabulary too large for it) removes what it wrote, so that the
+rerun starts from the same empty OUT.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 from megatron_memorizing.data.atomic import atomic_path
@@ -79,7 +82,20 @@ def build(
     if out_dir.exists() and any(out_dir.iterdir()) and not record.is_file() and not force:
         raise DataError(f"{out_dir} is not empty and holds no finished build: pass --force to build there anyway")
     record.unlink(missing_ok=True)
+    existed = out_dir.exists()
+    ours = not existed or not any(out_dir.iterdir())  # then all that OUT will hold is this build's
+    try:
+        _build(out_dir, options, tokenizer, workers, cache_dir, command)
+    except BaseException:
+        # Else a rerun would find OUT not empty, without build.json, and demand --force.
+        if ours:
+            _remove_contents(out_dir, keep_directory=existed)
+        raise
+    return report(out_dir)
 
+
+def _build(out_dir: Path, options: dict, tokenizer, workers: int, cache_dir, command: str) -> None:
+    """Corpus, tokenizer, datasets, then build.json: the build itself, into `out_dir`."""
     source = resolve_source(options["preset"], options["source_dirs"], options["packages"], options["patterns"], cache_dir)
     stats = build_corpus(
         source, out_dir / "corpus", options["validation_fraction"], options["test_fraction"], options["min_chars"],
@@ -94,6 +110,18 @@ def build(
             out_dir / "corpus" / f"{split}.jsonl", tokenizer, out_dir / split, split, workers,
             corpus_stats=stats["splits"][split], command=command, force=True,
         )
-    with atomic_path(record) as tmp:
+    with atomic_path(out_dir / BUILD_RECORD) as tmp:
         tmp.write_text(json.dumps(dict(options=options, command=command), indent=2) + "\n")
-    return report(out_dir)
+
+
+def _remove_contents(out_dir: Path, keep_directory: bool) -> None:
+    """What a failed build wrote into `out_dir`, which held nothing before it; the directory too
+    unless it was there before."""
+    if not keep_directory:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        return
+    for path in out_dir.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()

@@ -6,15 +6,22 @@ with the very steps it replays. The other tests run in this process (TP=PP=DP=1)
 they write, or that tests/scripts/ckpt_weights.py wrote at TP=2 x PP=2.
 """
 
+import contextlib
 import json
+import random
 import shutil
 
+import numpy as np
 import pytest
+import torch
 from fixtures.data_corpus import build_small_data
+from megatron.core import tensor_parallel
 from scripts.ckpt_weights import segment_losses, train_state
 
 from distributed import SCRIPTS, TorchrunError, run_torchrun
 from megatron_memorizing.data import IncompatibleError
+from megatron_memorizing.eval.loading import load_checkpoint
+from megatron_memorizing.hf.convert import EXPORT_MARKER, ExportError, export
 from megatron_memorizing.training.checkpoint import (
     PARTIAL,
     TRACKER,
@@ -24,6 +31,7 @@ from megatron_memorizing.training.checkpoint import (
     load_weights,
 )
 from megatron_memorizing.training.config import CheckpointConfig
+from megatron_memorizing.training.step import forward_backward
 
 GATE = ["decoder.layers.2.self_attention.core_attention.gate_bias",
         "decoder.layers.2.self_attention.core_attention.memory_log_scale"]
@@ -91,6 +99,7 @@ def test_keep_last_prunes_and_interrupted_saves_are_ignored(single_rank, data, t
 
 
 def test_without_a_tracker_the_newest_complete_iteration_is_the_latest(single_rank, data, tmp_path):
+    """To training, export and evaluation alike: the folder is the same checkpoint to all three."""
     root = tmp_path / "checkpoints"
     state = train_state(data, root)
     state.step = 300
@@ -99,6 +108,104 @@ def test_without_a_tracker_the_newest_complete_iteration_is_the_latest(single_ra
     shutil.copytree(root / "iter_0000300", root / "iter_0000400")
     shutil.rmtree(root / "iter_0000400" / "rank_state")  # a newer one, incomplete
     assert Checkpointer(state.run_config.checkpoint).latest() == root / "iter_0000300"
+    exported = export(root, tmp_path / "hf")
+    assert json.loads((exported / EXPORT_MARKER).read_text())["exported_from"] == str(root / "iter_0000300")
+    assert load_checkpoint(root).path == root / "iter_0000300"
+
+    shutil.rmtree(root / "iter_0000300" / "rank_state")  # no complete one left: named, not guessed
+    with pytest.raises(ExportError, match=f"{root} holds no complete checkpoint"):
+        export(root, tmp_path / "hf2")
+    with pytest.raises(CheckpointError, match=f"{root} holds no complete checkpoint"):
+        load_checkpoint(root)
+
+
+def trained_one_step(state):
+    """`state` after one optimizer step: an optimizer state to save and load back."""
+    state.optimizer.zero_grad()
+    forward_backward(state.optimizer.model_chunks, state.memories, next(state.stream))
+    state.optimizer.step(1e-3)
+    state.memories.commit()
+    state.step += 1
+    return state
+
+
+def generators() -> list:
+    """The next draws of Python's, NumPy's and torch's generators, and the model-parallel tracker's states."""
+    tracker = {name: state.clone() for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()}
+    return [random.random(), np.random.rand(), torch.rand(3).tolist(), tracker]
+
+
+def scramble_generators() -> None:
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name: torch.zeros_like(state) for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items()})
+
+
+def same_generators(a: list, b: list) -> bool:
+    (*draws_a, tracker_a), (*draws_b, tracker_b) = a, b
+    return draws_a == draws_b and tracker_a.keys() == tracker_b.keys() and all(
+        torch.equal(tracker_a[name], tracker_b[name]) for name in tracker_a)
+
+
+@contextlib.contextmanager
+def torch_safe_globals_only():
+    """torch.load(weights_only=True) as plain torch has it: without the classes Megatron-Core
+    allows process-wide (NumPy arrays among them)."""
+    allowed = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    try:
+        yield
+    finally:
+        torch.serialization.add_safe_globals(allowed)
+
+
+class RunsCode:
+    """What a tampered file can hold: an object whose unpickling runs code."""
+
+    def __reduce__(self):
+        return exec, ("raise SystemExit('a checkpoint ran code')",)
+
+
+def test_rank_state_loads_with_weights_only_and_resumes_every_generator(single_rank, data, tmp_path):
+    """A rank's state file holds tensors and plain values only: torch.load(weights_only=True) reads
+    it, and resuming restores every generator. A file altered to run code is refused, not run."""
+    state = trained_one_step(train_state(data, tmp_path / "checkpoints"))
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+    expected = generators()
+    rank_file = saved / "rank_state" / "rank_00000.pt"
+    with torch_safe_globals_only():
+        rank_state = torch.load(rank_file, weights_only=True)
+    assert rank_state["step"] == 1 and set(rank_state["rng"]) >= {"python", "numpy", "torch", "model_parallel"}
+
+    resumed = train_state(data, tmp_path / "checkpoints")
+    scramble_generators()
+    Checkpointer(resumed.run_config.checkpoint).load(saved, resumed)
+    assert same_generators(generators(), expected)
+
+    torch.save({**rank_state, "extra": RunsCode()}, rank_file)
+    with pytest.raises(CheckpointError, match="rank_00000.pt holds objects other than .* could run code"):
+        Checkpointer(resumed.run_config.checkpoint).load(saved, resumed)
+
+
+def test_a_rank_state_saved_before_the_rng_state_was_plain_still_resumes(single_rank, data, tmp_path):
+    """Rank files saved before NumPy's RNG state was stored as a list hold it as an array: read
+    with weights_only=True all the same, and resumed exactly."""
+    state = trained_one_step(train_state(data, tmp_path / "checkpoints"))
+    saved = Checkpointer(state.run_config.checkpoint).save(state)
+    expected = generators()
+    rank_file = saved / "rank_state" / "rank_00000.pt"
+    rank_state = torch.load(rank_file, weights_only=True)
+    kind, keys, *rest = rank_state["rng"]["numpy"]
+    rank_state["rng"]["numpy"] = (kind, np.array(keys, dtype=np.uint32), *rest)  # as it was saved then
+    torch.save(rank_state, rank_file)
+
+    resumed = train_state(data, tmp_path / "checkpoints")
+    scramble_generators()
+    with torch_safe_globals_only():  # the array is allowed by the load itself
+        Checkpointer(resumed.run_config.checkpoint).load(saved, resumed)
+    assert same_generators(generators(), expected)
 
 
 def test_pruning_deletes_only_this_runs_checkpoints(single_rank, data, tmp_path):

@@ -166,6 +166,30 @@ def test_build_prints_the_stats_report(tmp_path, capsys):
     assert read_manifest(tmp_path / "out" / "train").command.startswith("megatron-memorizing-data build")
 
 
+def test_a_failed_build_leaves_nothing_and_the_rerun_needs_no_force(tmp_path, capsys):
+    """A build that fails, in the corpus (a source of binary files) or later (a vocabulary too large
+    for it), takes what it wrote with it: the same command runs again, without --force."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"blob{i}.py").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "empty").mkdir()
+
+    def build(out, vocab_size=600):
+        return main(["build", "--source-dir", str(src), "--out", str(out), "--vocab-size", str(vocab_size),
+                     "--validation-fraction", "0.3", "--test-fraction", "0.3", "--workers", "1"])
+
+    assert build(tmp_path / "out") == 2 and build(tmp_path / "empty") == 2
+    assert "split of stdlib is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and list((tmp_path / "empty").iterdir()) == []  # kept: not ours
+    copy_stdlib_slice(src, ["json", "argparse.py", "textwrap.py", "heapq.py", "bisect.py"])
+    assert build(tmp_path / "empty", vocab_size=100_000) == 2
+    assert "smaller --vocab-size" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []  # the corpus it had written is gone too
+    assert build(tmp_path / "empty") == 0
+    assert (tmp_path / "empty" / "build.json").is_file()
+
+
 def test_copies_write_every_block_of_lines_twice_and_keep_existing_output(tmp_path, capsys):
     import random
     import textwrap

@@ -244,7 +244,7 @@ def _model_section(run):
 
 
 BROKEN = {
-    "tracker names a missing iteration": (lambda run: (run / TRACKER).write_text("200"), "incomplete"),
+    "tracker names a missing iteration": (lambda run: (run / TRACKER).write_text("200"), "iter_0000200 does not exist"),
     "no config.yaml": (lambda run: (run / "iter_0000100" / "config.yaml").unlink(), "no config.yaml"),
     "another project's config": (
         lambda run: _write_yaml(run / "iter_0000100" / "config.yaml", {"model": {"n_embd": 64}}),

@@ -17,7 +17,7 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import STDLIB
 from data_tools.preprocess import preprocess
@@ -317,6 +317,22 @@ def test_a_weights_only_checkpoint_is_refused_for_resuming(single_rank, tmp_path
 # Refusals: one clear line, exit code 1 or 2, nothing written
 
 
+def sharded(directory: Path, without=()) -> None:
+    """Split model.safetensors over two shards and an index, as save_pretrained does for a large
+    model; shards and tensors named in `without` are left out, as a broken download leaves them."""
+    weights = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    files = {name: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, name in enumerate(sorted(weights))}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
+    for file in set(files.values()) - set(without):
+        save_file({name: weights[name] for name in weights if files[name] == file and name not in without},
+                  directory / file, metadata={"format": "pt"})
+
+
+def cut_in_half(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
 REFUSALS = {
     "outside the family": (dict(kind="gpt2"), [], "not in the Llama family"),
     "heads not divisible by TP": (dict(), ["model.tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
@@ -330,6 +346,16 @@ REFUSALS = {
     "window shorter than a segment": (dict(kind="mistral", sliding_window=16), [], "sliding_window=16"),
     "architecture overridden": (dict(), ["model.hidden_size=32"], "come.* from config.json"),
     "a training setting": (dict(), ["optimizer.lr=1e-4"], "only model.\\* fields"),
+    "truncated weights": (dict(damage=lambda d: cut_in_half(d / "model.safetensors")), [],
+                          "model.safetensors cannot be read as safetensors .*truncated or damaged"),
+    "random bytes as weights": (dict(damage=lambda d: (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)), [],
+                                "model.safetensors cannot be read as safetensors"),
+    "an index naming a missing shard": (dict(damage=lambda d: sharded(d, without=["model-00002-of-00002.safetensors"])),
+                                        [], "names the shard model-00002-of-00002.safetensors, which is not in"),
+    "a shard lacking a tensor of the index": (dict(damage=lambda d: sharded(d, without=["model.norm.weight"])), [],
+                                              "model-0000.-of-00002.safetensors lacks model.norm.weight"),
+    "an index that is not one": (dict(damage=lambda d: (d / "model.safetensors.index.json").write_text("{")), [],
+                                 "model.safetensors.index.json is not a safetensors index"),
 }
 
 
@@ -337,7 +363,7 @@ REFUSALS = {
 def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_model, capsys, case):
     spec, settings, message = REFUSALS[case]
     spec = dict(spec)
-    kind, with_tokenizer = spec.pop("kind", "llama"), spec.pop("tokenizer", True)
+    kind, with_tokenizer, damage = spec.pop("kind", "llama"), spec.pop("tokenizer", True), spec.pop("damage", None)
     directory = tmp_path / "hf"
     if kind == "gpt2":
         transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=448)).save_pretrained(directory)
@@ -346,6 +372,8 @@ def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_mo
         hf_model(kind, directory, tokenizer_model, **spec)
     if not with_tokenizer:
         (directory / "tokenizer.model").unlink()
+    if damage:
+        damage(directory)
     before = sorted(p.name for p in directory.iterdir())
     capsys.readouterr()  # the setup's own output
 
@@ -359,18 +387,20 @@ def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_mo
     assert sorted(p.name for p in directory.iterdir()) == before
 
 
-def test_a_refusal_comes_before_megatron_is_imported(tmp_path, tokenizer_model):
+@pytest.mark.parametrize("damage, damaged", [(Path.unlink, "tokenizer.model"), (cut_in_half, "model.safetensors")],
+                         ids=["no tokenizer", "truncated weights"])
+def test_a_refusal_comes_before_megatron_is_imported(tmp_path, tokenizer_model, damage, damaged):
     """What the Hugging Face directory holds is checked first: a refusal does not wait seconds to
     minutes for Megatron-Core to import."""
     hf_model("llama", tmp_path / "hf", tokenizer_model)
-    (tmp_path / "hf" / "tokenizer.model").unlink()
+    damage(tmp_path / "hf" / damaged)
     script = ("import sys; from megatron_memorizing.hf.importer import main; "
               f"code = main(['--hf-model', {str(tmp_path / 'hf')!r}, '--output', {str(tmp_path / 'ckpt')!r}, "
               f"'--set', 'model.segment_length={SEGMENT}']); "
               "print(code, 'megatron.core' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.stdout.split() == ["2", "False"], result.stderr[-2000:]
-    assert "has no tokenizer" in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1 and damaged in result.stderr
 
 
 def test_an_existing_output_is_refused_and_left_alone(tmp_path, tokenizer_model):
@@ -380,3 +410,14 @@ def test_an_existing_output_is_refused_and_left_alone(tmp_path, tokenizer_model)
     with pytest.raises(HFImportError, match="not empty"):
         import_model(tmp_path / "hf", tmp_path / "ckpt", IMPORT)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["notes.txt"]
+
+
+def test_an_output_that_is_a_file_is_refused_and_left_alone(tmp_path, tokenizer_model, capsys):
+    hf_model("llama", tmp_path / "hf", tokenizer_model)
+    (tmp_path / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    for output in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "ckpt"):
+        assert import_main(["--hf-model", str(tmp_path / "hf"), "--output", str(output)]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and f"{tmp_path / 'notes.txt'} is a file, not a directory" in error, error
+    assert (tmp_path / "notes.txt").read_text() == "mine"

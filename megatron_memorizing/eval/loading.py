@@ -108,13 +108,14 @@ def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots
                     allow_other_model: bool = False) -> LoadedModel:
     """Build the checkpoint's model in this process (TP=PP=1) and load its weights.
 
-    `checkpoint` is an iteration directory or a checkpoint directory (its latest iteration);
+    `checkpoint` is an iteration directory or a checkpoint directory (its latest iteration, the one
+    training would resume from);
     `overrides` are `section.field=value` strings as for training; `slots` sets the number of
     documents streamed side by side (one micro-batch of that many sequences). Overrides that drop
     or reshape trained parameters are refused unless `allow_other_model`.
     """
     path = resolve(checkpoint)
-    if path is None or not (path / "config.yaml").is_file():
+    if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{checkpoint} holds no complete checkpoint (no config.yaml)")
     read_info(path)  # an interrupted save, say: refused before the model is built
     layout = list(SINGLE_PROCESS)

@@ -76,27 +76,21 @@ class Checkpoint:
 
 
 def iteration_dir(path: Path) -> Path:
-    """The iter_* directory of `path`: a run directory (through its tracker file) or an iter_* itself."""
+    """The iter_* directory of `path`: one itself, or in a run directory the one training would
+    resume from (its tracker file's, else its newest complete iteration)."""
+    from megatron_memorizing.training.checkpoint import CheckpointError, resolve
+
     if not path.is_dir():
         raise ExportError(f"{path} is not a directory: pass a run directory or one of its iter_* directories.")
-    tracker = path / TRACKER
-    if not tracker.exists():
-        if path.name.endswith(".tmp"):  # training and evaluation refuse to load these too
-            raise ExportError(
-                f"{path} is an incomplete checkpoint (a save or deletion that was interrupted, or weights the trainer "
-                f"discarded as non-finite); export the one that {path.parent / TRACKER} names."
-            )
-        return path
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise ExportError(f"{tracker} should hold an iteration number, not {text!r}.")
-    found = path / f"iter_{int(text):07d}"
-    if not found.is_dir():
+    if path.name.endswith(".tmp"):  # training and evaluation refuse to load these too
         raise ExportError(
-            f"{tracker} names iteration {int(text)} but {found.name}/ is missing: the checkpoint is "
-            f"incomplete; pass an existing iter_* directory instead."
+            f"{path} is an incomplete checkpoint (a save or deletion that was interrupted, or weights the trainer "
+            f"discarded as non-finite); export the one that {path.parent / TRACKER} names."
         )
-    return found
+    try:
+        return resolve(path)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
 
 
 def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Checkpoint:
@@ -416,7 +410,8 @@ def _check_written_by_export(path: Path, action: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="run directory (uses its tracker file) or an iter_* directory")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory (its latest checkpoint, as training resumes it) or an iter_* directory")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")
     parser.add_argument("--memory-size", type=int, help="kNN memory size at inference (default: as trained)")
     parser.add_argument("--tokenizer", help="SentencePiece model, if the checkpoint has no tokenizer.model")

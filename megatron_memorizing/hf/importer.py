@@ -24,6 +24,7 @@ model.bf16=...` chooses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -49,6 +50,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 # perplexity after fine-tuning. `--set model.gate_init=...` chooses otherwise.
 IMPORT_GATE_INIT = -3.0
 IMPORT_MEMORY_SCALARS_LR_MULT = 1000.0
+# A sharded save's table of contents: which file holds each tensor.
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class HFImportError(RuntimeError):
@@ -100,16 +103,18 @@ def tokenizer_files(directory: Path) -> dict[str, Path]:
 
 class SafetensorsWeights(Mapping):
     """The tensors of a Hugging Face directory by name, each read from its safetensors file when
-    asked for: an import holds one converted copy of the model, never the files' contents too."""
+    asked for: an import holds one converted copy of the model, never the files' contents too.
+    Every file's header is read up front, so that a truncated or missing file, or an index naming
+    tensors its shards lack, is refused before the model is built."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        index = directory / "model.safetensors.index.json"
+        index = directory / INDEX_FILE
         if index.is_file():
-            self.files = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            self.files = {name: directory / file for name, file in _weight_map(index).items()}
+            for file in sorted(set(self.files.values())):
+                _check_shard(file, [name for name, shard in self.files.items() if shard == file], index)
         elif (directory / "model.safetensors").is_file():
-            with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+            with _opened(directory / "model.safetensors") as f:
                 self.files = {name: directory / "model.safetensors" for name in f.keys()}
         else:
             raise HFImportError(
@@ -118,9 +123,7 @@ class SafetensorsWeights(Mapping):
             )
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[name]), framework="pt") as f:  # mapped for this one tensor only
+        with _opened(self.files[name]) as f:  # mapped for this one tensor only
             return f.get_tensor(name)
 
     def __iter__(self):
@@ -136,13 +139,55 @@ class SafetensorsWeights(Mapping):
 
     def floating_types(self) -> set[str]:
         """The floating-point types the files store, as safetensors names them ("BF16", "F32", ...)."""
-        from safetensors import safe_open
-
         found = set()
         for file in set(self.files.values()):
-            with safe_open(str(file), framework="pt") as f:
+            with _opened(file) as f:
                 found |= {f.get_slice(name).get_dtype() for name in f.keys()}
         return {kind for kind in found if kind.startswith(("F", "BF"))}
+
+
+@contextlib.contextmanager
+def _opened(file: Path):
+    """`safe_open(file)`, with what safetensors cannot read (a truncated or damaged file, one that
+    vanished) raised as an HFImportError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as error:
+        raise HFImportError(
+            f"{file} cannot be read as safetensors ({error}): it is truncated or damaged; download or save "
+            f"the model again."
+        ) from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The tensor name -> shard file map of a sharded save's index."""
+    try:
+        return dict(json.loads(index.read_text())["weight_map"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise HFImportError(
+            f"{index} is not a safetensors index (no weight_map of tensor names to files: {error!r}): download or "
+            f"save the model again."
+        ) from None
+
+
+def _check_shard(file: Path, names: list[str], index: Path) -> None:
+    """That the shard `file` is there, readable, and holds the tensors `names` the index puts in it."""
+    if not file.is_file():
+        raise HFImportError(
+            f"{index.name} names the shard {file.name}, which is not in {file.parent}: the download is "
+            f"incomplete; copy every shard the index names."
+        )
+    with _opened(file) as f:
+        held = set(f.keys())
+    lacking = [name for name in names if name not in held]
+    if lacking:
+        raise HFImportError(
+            f"{file} lacks {', '.join(lacking[:4])}{' ...' if len(lacking) > 4 else ''}, which {index.name} "
+            f"puts there: the index and its shards come from different saves; download or save the model again."
+        )
 
 
 def megatron_weights(hf_weights: SafetensorsWeights, config: MemorizingConfig, expected: dict) -> dict:
@@ -176,12 +221,20 @@ def megatron_weights(hf_weights: SafetensorsWeights, config: MemorizingConfig, e
     return weights
 
 
+def check_output(output: Path) -> None:
+    """`output` must be a new or empty directory, where directories can be made."""
+    if output.is_dir() and any(output.iterdir()):
+        raise HFImportError(f"{output} already exists and is not empty: choose another --output.")
+    blocking = next((path for path in (output, *output.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise HFImportError(f"--output {output}: {blocking} is a file, not a directory: choose another --output.")
+
+
 def import_model(hf_dir: str | Path, output: str | Path, overrides: dict | None = None) -> Path:
     """Write the weights-only checkpoint `output` from the Hugging Face directory `hf_dir` (or a
     GGUF file); returns its iteration directory. `overrides` are model fields (memory, segment, layout)."""
     hf_dir, output = Path(hf_dir), Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise HFImportError(f"{output} already exists and is not empty: choose another --output.")
+    check_output(output)
     if not (hf_dir.is_file() or hf_dir.suffix == ".gguf"):
         return _import_directory(hf_dir, output, overrides or {}, hf_dir)
     from megatron_memorizing.hf.gguf import GGUFError, gguf_to_hf

@@ -8,7 +8,8 @@ The layout follows Megatron-LM's conventions, so its users find their way around
         config.yaml              the RunConfig
         model/                   megatron.core.dist_checkpointing: reshardable to any TP/PP layout
         optimizer/               the optimizer backend's own files
-        rank_state/rank_00000.pt per global rank: step, extra, RNG states, memory contents, stream position
+        rank_state/rank_00000.pt per global rank: step, extra, RNG states, memory contents, stream position,
+                                 as tensors and plain values only (read with torch.load(weights_only=True))
         tokenizer.model          the dataset's tokenizer, when its manifest names one (HF export needs it);
                                  tokenizer.json (+ tokenizer_config.json) for a Hugging Face tokenizer
         hf_tokenizer/, hf_config.json   what an imported model came with (hf/importer.py), carried along
@@ -30,7 +31,8 @@ diverged weights.
 
 Nothing this run did not write is deleted: pruning (`keep_last`) removes only checkpoints this
 process saved and those up to the one it resumed from. Without a tracker file (copied
-iterations, a tracker deleted by hand) the newest complete iteration is the latest.
+iterations, a tracker deleted by hand) the newest complete iteration is the latest, for resuming,
+`init_from`, export and evaluation alike (`resolve`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -54,6 +57,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from numpy.core.multiarray import _reconstruct
 
 from megatron_memorizing.config import MemorizingConfig
 from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError, dataset_tokenizer_path, load_tokenizer, read_manifest
@@ -78,6 +82,9 @@ _LEFTOVER = re.compile(r"iter_\d{7,}(\.deleted)?\.tmp")
 # Written into a folder before a save writes anything else into it, and before a deletion renames it;
 # removed last. A leftover folder holding it is this project's to remove; one without it, the user's.
 PARTIAL = ".megatron-memorizing-partial"
+# What unpickles a NumPy array (as rank files held the NumPy RNG state until it was saved as a list);
+# Megatron-Core allows the same classes to torch.load(weights_only=True) in every process it runs in.
+_NUMPY_ARRAY = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 # Carried from an imported model's checkpoint into every checkpoint trained from it.
 IMPORTED_FILES = (IMPORTED_TOKENIZER_DIR, IMPORTED_CONFIG_FILE)
 # Model fields that shape the parameters, the memory contents or the per-slot state; a resumed
@@ -175,7 +182,7 @@ class Checkpointer:
         the newest complete iter_* directory; None if there is none."""
         tracker = self.root / TRACKER
         if not tracker.is_file():
-            complete = [step for step in self._complete_steps() if _is_complete(iteration_dir(self.root, step))]
+            complete = [step for step in self._iteration_steps() if _is_complete(iteration_dir(self.root, step))]
             return iteration_dir(self.root, complete[-1]) if complete else None
         text = tracker.read_text().strip()
         if not text.isdigit():
@@ -188,7 +195,8 @@ class Checkpointer:
             )
         return path
 
-    def _complete_steps(self) -> list[int]:
+    def _iteration_steps(self) -> list[int]:
+        """The steps of the folder's iter_* directories, complete or not, in order."""
         if not self.root.is_dir():
             return []
         found = (_ITERATION.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir())
@@ -295,7 +303,7 @@ class Checkpointer:
         """Keep the `keep_last` newest checkpoints of this run up to `newest`: the ones this process
         wrote and those up to the one it resumed from. Any other iteration is left alone."""
         ours = [
-            step for step in self._complete_steps()
+            step for step in self._iteration_steps()
             if step <= newest and (step in self._written or (self._resumed_step is not None and step <= self._resumed_step))
         ]
         for step in ours[: -self.config.keep_last]:
@@ -365,13 +373,11 @@ class Checkpointer:
                 f"and a fresh checkpoint.dir."
             )
         _check_same_model(path, state.run_config)
-        rank_file = path / "rank_state" / _rank_file()
         if len(list((path / "rank_state").glob("rank_*.pt"))) != info["world_size"]:
             raise CheckpointError(
                 f"{path} is incomplete: rank_state/ lacks the files of some of its {info['world_size']} ranks."
             )
-        # Our own file, holding Python and NumPy RNG states, which weights_only refuses.
-        rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+        rank_state = _read_rank_state(path)
 
         state.stream.load_state_dict(rank_state["stream"])
         try:
@@ -418,11 +424,20 @@ def _all_finite(model_chunks) -> bool:
 
 
 def resolve(path: str | Path) -> Path:
-    """An iteration directory, given it or the checkpoint directory above it (then its latest)."""
+    """An iteration directory, given it or the checkpoint directory above it: then the one training
+    resumes from (`Checkpointer.latest`), which export and evaluation read too. Any other path is
+    returned as it is, for `read_info` to say what it lacks."""
     path = Path(path)
-    if (path / TRACKER).is_file():
-        return Checkpointer(CheckpointConfig(dir=str(path))).latest()
-    return path
+    checkpoints = Checkpointer(CheckpointConfig(dir=str(path)))
+    if not (checkpoints.has_tracker() or checkpoints._iteration_steps()):
+        return path
+    latest = checkpoints.latest()
+    if latest is None:
+        raise CheckpointError(
+            f"{path} holds no complete checkpoint: each of its iter_* directories lacks a part (interrupted saves?). "
+            f"Pass a checkpoint directory written by megatron-memorizing-train or one complete iter_* directory in it."
+        )
+    return latest
 
 
 def check_checkpoint_tokenizer(path: Path, tokenizer: Path) -> None:
@@ -489,10 +504,28 @@ def _rank_state(state: TrainState) -> dict:
     }
 
 
+def _read_rank_state(path: Path) -> dict:
+    """This rank's state file in checkpoint `path`, read with torch.load(weights_only=True): tensors
+    and plain values, and NumPy arrays for the RNG state of files saved before it was a list. A file
+    holding anything else (code to run, say) was not written by a save: it is refused, not loaded."""
+    rank_file = path / "rank_state" / _rank_file()
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY):
+            return torch.load(rank_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{rank_file} holds objects other than tensors, plain values and NumPy arrays, which no save writes: "
+            f"it was altered after the save, and loading it could run code. Resume from a checkpoint you trust."
+        ) from None
+
+
 def _rng_state() -> dict:
+    """Every generator's state in tensors, tuples and numbers (NumPy's key array as a list), which
+    torch.load(weights_only=True) reads back."""
+    kind, keys, *rest = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, keys.tolist(), *rest),
         "torch": torch.get_rng_state(),
         "model_parallel": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -503,7 +536,7 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(state["numpy"])  # the keys as a list, or (saved before) as an array
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["model_parallel"])
     if torch.cuda.is_available() and "cuda" in state:
