@@ -631,8 +631,8 @@ def _check_same_model(path: Path, run_config: RunConfig) -> None:
     if changed:
         differ = _differences(saved_config.model, run_config.model, changed)
         if any(name in _WEIGHT_SHAPE_FIELDS for name in changed):
-            fix = (f"its weights do not fit this model either, so train it from scratch in a fresh "
-                   f"checkpoint.dir, or set the model back to the saved values")
+            fix = ("its weights do not fit this model either, so train it from scratch in a fresh "
+                   "checkpoint.dir, or set the model back to the saved values")
         else:
             fix = f"to start from its weights instead, set checkpoint.init_from={path} and a fresh checkpoint.dir"
         raise CheckpointError(f"{path} was saved by another model ({differ}). Resuming needs the model that saved it; {fix}.")

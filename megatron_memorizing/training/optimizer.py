@@ -48,7 +48,6 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import ParamKey, get_megatron_optimizer, get_standard_config_overrides
 
 import patches
-from megatron_memorizing.config import ConfigError
 from megatron_memorizing.knn_attention import MEMORY_PARAMETERS
 from megatron_memorizing.training import deepspeed_mpu
 from megatron_memorizing.training.config import RunConfig
