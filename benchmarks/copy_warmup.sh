@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The copy warm-up recipe of docs/results.md section 5, in two commands: a model without memory first
+# The copy warm-up recipe of docs/results.md ("The recipe that works"), in two commands: a model without memory first
 # learns to copy from its own context on documents whose blocks of lines are written twice, then each
 # variant continues from those weights on an ordinary corpus for the same tokens in the same order.
 #

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's "fine-tune a vanilla pretrained model to use memory", through Hugging Face and back
-# (docs/results.md section 6):
+# (docs/campaigns/2026-12-01-pretrained-hf-finetune.md):
 #   pretrain   a vanilla Llama-shaped tiny-cpu model (RMSNorm, SwiGLU, no biases) on CORPUS for
 #              STEPS steps, evaluate it, and export it as a standard LlamaForCausalLM (no remote code);
 #   VARIANT    import that Hugging Face directory (memory1536: a memory layer added at layer 3;

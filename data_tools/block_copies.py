@@ -3,7 +3,7 @@
 The second copy of a block is predictable only by looking back at the first, a few to a few
 hundred tokens earlier, so a model trained on it learns the in-context lookup (an induction
 head) that a memory layer extends beyond the local window. On real code small models learn that
-lookup only after far more tokens than a CPU can train (docs/results.md section 5); a short
+lookup only after far more tokens than a CPU can train (docs/results.md, "The recipe that works"); a short
 warm-up on these documents forms it, and training on the ordinary corpus continues from there.
 
 Blocks are 1 to `max_lines` lines long, drawn per document from (seed, document id), so a

@@ -106,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "copies", help="JSONL -> JSONL with every block of lines written twice (a copy warm-up corpus)",
         description="Write each document with every block of 1..MAX_LINES lines repeated right after itself, so "
                     "that half the tokens are predictable only by looking back: a short warm-up on it teaches a "
-                    "small model the in-context lookup a memory layer extends (docs/results.md, section 5). Tokenize the "
+                    "small model the in-context lookup a memory layer extends (docs/results.md, 'The recipe that works'). Tokenize the "
                     "output with `preprocess`.",
     )
     copies.add_argument("--input", type=Path, required=True, metavar="JSONL", help="documents, e.g. a corpus split")

@@ -181,7 +181,7 @@ class MemorySettings:
     xl_cache: bool = False  # Transformer-XL: every layer also attends to the previous segment
     # What the XL cache keeps of it: "inputs" (the layer's input hidden states, projected afresh
     # every step with the current weights, as in Transformer-XL) or "keys_values" (as projected
-    # last step: stale by one step, it trained worse, docs/results.md section 5). Both give the
+    # last step: stale by one step, it trained worse, docs/campaigns/2026-12-01-stdlib-xl-cache-and-memory.md). Both give the
     # same outputs for the same weights.
     xl_cache_contents: str = "inputs"
 

@@ -172,7 +172,7 @@ def advice(scores: LookupScores, memory_layers: list[int], threshold: float) -> 
     heads = scores.lookup_heads(threshold)
     if not heads:
         return (f"no head scores >= {threshold}: this model does not copy from its context yet, and a memory has no "
-                f"lookup to extend (train it longer, or warm it up on repeated text: docs/results.md section 5)")
+                f"lookup to extend (train it longer, or warm it up on repeated text: docs/results.md, \"The recipe that works\")")
     where = "; ".join(f"layer {layer} heads {', '.join(map(str, found))}" for layer, found in heads.items())
     layers = sorted(heads)
     verdict = ("the memory is in a lookup layer" if set(memory_layers) & set(layers)

@@ -47,7 +47,7 @@ class OptimizerConfig:
     # Learning-rate multiplier of the memory layers' per-head scalars (gate bias, memory logit
     # scale), as Megatron-LM's lr_mult for a parameter group. Adam moves a parameter by about the
     # learning rate per step, so at 1 these two per head cannot travel the ~1 (log scale) they
-    # need in a short run (docs/results.md, section 5); 10 lets them.
+    # need in a short run (docs/results.md, "The recipe that works"); 10 lets them.
     memory_scalars_lr_mult: float = 1.0
 
 
