@@ -41,6 +41,9 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["training.memory_curriculum=[[0, 16]]"], "below model.knn_top_k=32"),
         (["optimizer.min_lr=1.0"], "min_lr <= lr"),
         (["optimizer.memory_scalars_lr_mult=0"], r"memory_scalars_lr_mult=0.0 must be > 0"),
+        # a stage without memory would wait for ever on the others' extra parameter group
+        (["optimizer.memory_scalars_lr_mult=10", "model.pipeline_model_parallel_size=2", "model.memory_layers=[4]"],
+         r"pipeline rank\(s\) \[0\] hold none of model.memory_layers=\[4\]"),
         (["optimizer.lr=fast"], "optimizer.lr='fast' is not a number"),
         (["optimiser.lr=1e-3"], r"unknown config section\(s\) \['optimiser'\]"),
         (["training.stepz=10"], r"unknown field\(s\) \['stepz'\] in training"),

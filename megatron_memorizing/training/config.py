@@ -51,6 +51,15 @@ class OptimizerConfig:
     memory_scalars_lr_mult: float = 1.0
 
 
+def _pipeline_ranks_without_memory(model: MemorizingConfig) -> list[int]:
+    """The pipeline ranks none of whose layers (over all their virtual stages) has memory."""
+    pp, vpp = model.pipeline_model_parallel_size, model.virtual_pipeline_model_parallel_size or 1
+    per_chunk = model.num_layers // (pp * vpp)
+    def layers(rank: int) -> set[int]:
+        return {(chunk * pp + rank) * per_chunk + i + 1 for chunk in range(vpp) for i in range(per_chunk)}
+    return [rank for rank in range(pp) if not layers(rank) & set(model.memory_layers)]
+
+
 @dataclass
 class TrainingConfig:
     steps: int = 1000  # optimizer steps; each streams one segment into every slot
@@ -126,6 +135,16 @@ class RunConfig:
             raise ConfigError("optimizer: need warmup_steps >= 0 and 0 <= min_lr <= lr, lr > 0.")
         if opt.memory_scalars_lr_mult <= 0:
             raise ConfigError(f"optimizer.memory_scalars_lr_mult={opt.memory_scalars_lr_mult} must be > 0 (1: no change).")
+        stages = _pipeline_ranks_without_memory(model)
+        if opt.memory_scalars_lr_mult != 1.0 and model.memory_layers and stages:
+            # The multiplier is a parameter group of its own, on the ranks that hold memory layers
+            # only; the optimizers reduce per group across the pipeline, so the ranks would wait
+            # on each other for ever.
+            raise ConfigError(
+                f"optimizer.memory_scalars_lr_mult={opt.memory_scalars_lr_mult} needs a memory layer on every "
+                f"pipeline rank, but pipeline rank(s) {stages} hold none of model.memory_layers="
+                f"{list(model.memory_layers)}: put one in each stage, or set optimizer.memory_scalars_lr_mult=1."
+            )
         sizes = [size for _, size in training.memory_curriculum]
         steps = [step for step, _ in training.memory_curriculum]
         if steps != sorted(steps) or sizes != sorted(sizes):
