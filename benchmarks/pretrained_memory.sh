@@ -4,19 +4,20 @@
 #                      with one document per directory in its tokenizer (data/stdlib-dirs-smollm2),
 #                      and the held-out documents of over 32K characters (~8K tokens and more) as
 #                      validation-long; the import without memory (imported-nomemory)
-#   memory18 SEED      fine-tune an import with memory (4,096 pairs) in layer 18, where its lookup
-#                      heads are: layers 18-30 only, bf16, 8 documents x 512 tokens. GATE_INIT (default
-#                      -3, the import's: the gate starts at 0.05) and SCALARS_LR_MULT (default 1000:
-#                      gate and temperature learn at 1000x the learning rate) name the run:
+#   memory SEED        fine-tune an import with memory (4,096 pairs) in layer 18, where its lookup
+#                      heads are: layers 18-30 only, bf16, 8 documents x 512 tokens. LAYERS (default
+#                      18; "18 19 21" for every layer with lookup heads), GATE_INIT (default -3, the
+#                      import's: the gate starts at 0.05) and SCALARS_LR_MULT (default 1000: gate and
+#                      temperature learn at 1000x the learning rate) name the run:
 #                      finetune-memory18-gate-3-lrx1000-125-seed1 (its import: imported-memory18-gate-3)
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
 #   eval RUN           evaluate a run, or an import before training (imported-memory18-gate-3), on the
 #                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
-#                      memory disabled); REFERENCE=8192 adds the model's own window of that many
+#                      or MEMORY_SIZES; memory disabled); REFERENCE=8192 adds the model's own window of that many
 #                      tokens (its local attention is unfused: hours on a 2-core CPU)
 #
 #   benchmarks/pretrained_memory.sh prepare
-#   benchmarks/pretrained_memory.sh memory18 1 & benchmarks/pretrained_memory.sh nomemory 1
+#   benchmarks/pretrained_memory.sh memory 1 & benchmarks/pretrained_memory.sh nomemory 1
 #   benchmarks/pretrained_memory.sh eval imported-memory18-gate-3
 #   benchmarks/pretrained_memory.sh eval finetune-memory18-gate-3-lrx1000-125-seed1
 #
@@ -55,18 +56,20 @@ for line in open(sys.argv[1]):
         # slots x heads x window x window floats).
         exec "$bin/megatron-memorizing-eval" --checkpoint $checkpoint --data $data/validation-long \
             --set model.bf16=true --set model.micro_batch_size=1 --set model.num_micro_batches=6 --max-steps 48 \
-            --memory-sizes 4096 16384 65536 "${reference[@]}" --out runs/eval/smollm2/$run ;;
-    memory18|nomemory) seed=${2:?give the data seed} ;;
+            --memory-sizes ${MEMORY_SIZES:-4096 16384 65536} "${reference[@]}" --out runs/eval/smollm2/$run ;;
+    memory|nomemory) seed=${2:?give the data seed} ;;
     *) echo "unknown stage '$stage' (see the header of $0)" >&2; exit 2 ;;
 esac
 
 steps=${STEPS:-125}
 gate_init=${GATE_INIT:--3} scalars_lr_mult=${SCALARS_LR_MULT:-1000}
 imported=$root/imported-nomemory variant=nomemory
-if [[ $stage == memory18 ]]; then
-    imported=$root/imported-memory18-gate$gate_init variant=memory18-gate$gate_init-lrx$scalars_lr_mult
+if [[ $stage == memory ]]; then
+    layers=${LAYERS:-18}
+    imported=$root/imported-memory${layers// /-}-gate$gate_init
+    variant=memory${layers// /-}-gate$gate_init-lrx$scalars_lr_mult
     [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
-        --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[18]" \
+        --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[${layers// /,}]" \
         --set model.memory_size=4096 --set model.gate_init="$gate_init"
 fi
 run=$root/finetune-$variant-$steps-seed$seed

@@ -53,7 +53,8 @@ def _train(args: argparse.Namespace) -> int:
     from megatron_memorizing.data import DataError
     from megatron_memorizing.parallel import destroy_distributed, lost_contact
     from megatron_memorizing.training.checkpoint import CheckpointError
-    from megatron_memorizing.training.trainer import NonFiniteLossError, Trainer
+    from megatron_memorizing.training.divergence import DivergedError
+    from megatron_memorizing.training.trainer import Trainer
 
     try:
         trainer = Trainer(config)
@@ -63,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     try:
         result = trainer.fit()
-    except (NonFiniteLossError, CheckpointError) as error:
+    except (DivergedError, CheckpointError) as error:
         print(f"megatron-memorizing-train: {error}", file=sys.stderr)
         return 1
     except DataError as error:  # data found bad during training

@@ -83,32 +83,39 @@ def test_deepspeed_launcher_trains_on_two_cpu_ranks(data, tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*")), "no tensorboard event file"
 
 
-def test_non_finite_loss_stops_before_the_update_naming_step_and_checkpoint(data, tmp_path):
-    exploding = ["training.steps=6", "optimizer.lr=1e6", "optimizer.warmup_steps=0", "optimizer.clip_grad=0", "checkpoint.interval=1"]
-    done = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
-                   *overrides(data, tmp_path, *exploding)])
-    assert done.returncode == 1
-    message = done.stderr.strip().splitlines()[-1]
-    assert "the loss is nan" in message or "the loss is inf" in message
-    step = int(message.split("step ")[1].split(":")[0])
-    # The checkpoint of step - 1 holds the weights that gave this loss: it is not good, and not
-    # published. The one before it gave a finite loss at step - 1.
-    tracker = tmp_path / "checkpoints" / "latest_checkpointed_iteration.txt"
-    if step > 2:
-        last_good = tmp_path / "checkpoints" / f"iter_{step - 2:07d}"
-        assert f"The last good checkpoint is {last_good}" in message
-        assert tracker.read_text().strip() == str(step - 2)
-    else:
-        assert "The last good checkpoint is none" in message and not tracker.exists()
+def step_losses(output: str) -> dict[int, str]:
+    """The loss each console line of a run reports, by step."""
+    fields = [line.split("|") for line in output.splitlines() if line.startswith("step ")]
+    return {int(f[0].split()[1]): f[1].split()[1] for f in fields}
 
-    # Resuming with a sane learning rate trains on, finite, from that checkpoint.
-    sane = ["training.steps=6", "optimizer.lr=1e-3", "checkpoint.interval=1"]
-    resumed = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
-                      *overrides(data, tmp_path, *sane)])
+
+def test_a_diverged_run_names_a_checkpoint_a_sane_resume_recovers_from(data, tmp_path):
+    """Three sane steps, then a learning rate a billion times too high: the next loss is finite but
+    enormous (1e10 and more). The run stops there, before the update, and names the checkpoint of
+    step 3: the one written after step 4 holds the thrown weights and is never published. Resumed
+    from it at the sane rate, the run trains on exactly as a run that never diverged."""
+    train = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml"]
+    schedule = ["optimizer.warmup_steps=0", "optimizer.decay_steps=6", "checkpoint.interval=1"]
+    sane = [*schedule, "optimizer.lr=1e-3", "optimizer.min_lr=1e-4"]
+    run = tmp_path / "run"
+    first = launch([*train, *overrides(data, run, "training.steps=3", *sane)])
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    exploding = [*schedule, "training.steps=6", "optimizer.lr=1e6", "optimizer.clip_grad=0"]
+    diverged = launch([*train, *overrides(data, run, *exploding)])
+    assert diverged.returncode == 1, diverged.stderr[-3000:]
+    message = diverged.stderr.strip().splitlines()[-1]
+    assert "step 5: the loss is" in message, message
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'iter_0000003'}." in message
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+    resumed = launch([*train, *overrides(data, run, "training.steps=6", *sane)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "trained 6 steps" in resumed.stdout
-    if step > 2:
-        assert f"resumed from {last_good} at step {step - 2}" in resumed.stdout + resumed.stderr
+    straight = launch([*train, *overrides(data, tmp_path / "straight", "training.steps=6", *sane)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    recovered, never_diverged = step_losses(resumed.stdout), step_losses(straight.stdout)
+    assert sorted(recovered) == [4, 5, 6]
+    assert recovered == {step: never_diverged[step] for step in (4, 5, 6)}
 
 
 def test_checkpoints_without_a_tracker_are_resumed_not_deleted(data, tmp_path):

@@ -26,8 +26,8 @@ then rewrites the tracker file. A run killed at any point leaves the previous ch
 latest one; what it leaves (`iter_*.tmp` folders marked by a file `.megatron-memorizing-partial`)
 is ignored and removed by the next save; any other `*.tmp` in the folder is left alone. The trainer
 publishes a written checkpoint (`write`, then `publish`) only once the loss computed from its
-weights came out finite, so the checkpoint a diverged run names as good never holds the
-diverged weights.
+weights came out sane (training/divergence.py), so the checkpoint a diverged run names as good
+never holds the diverged weights.
 
 Nothing this run did not write is deleted: pruning (`keep_last`) removes only checkpoints this
 process saved and those up to the one it resumed from. Without a tracker file (copied

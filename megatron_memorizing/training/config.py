@@ -76,6 +76,10 @@ class TrainingConfig:
     # frozen (and a tied output layer with the embedding): adding memory to a pretrained model,
     # layers below the memory layer can keep their pretrained weights. 1: train everything.
     train_from_layer: int = 1
+    # The run has diverged, and stops, when a step's loss is not finite, or is above both ln(vocab)
+    # (a uniform guess) and this many times the recent average loss; the checkpoint whose weights
+    # gave that loss is never published (training/divergence.py). 0: only a non-finite loss.
+    divergence_factor: float = 4.0
     eval_interval: int = 0  # steps between validation passes; 0: only at the end
     eval_segments: int = 64  # validation segments per slot in one pass (None-like 0: whole split)
     # How long a collective waits for the other ranks before failing (Megatron-LM's
@@ -155,6 +159,11 @@ class RunConfig:
         if any(size < model.knn_top_k for size in sizes):
             raise ConfigError(
                 f"training.memory_curriculum has a memory size below model.knn_top_k={model.knn_top_k}."
+            )
+        if training.divergence_factor != 0 and not training.divergence_factor > 1:
+            raise ConfigError(
+                f"training.divergence_factor={training.divergence_factor} must be above 1 (a loss that many times "
+                f"the recent average stops the run), or 0 to stop only on a non-finite loss."
             )
         if not 0.0 <= training.xl_cache_dropout < 1.0:
             raise ConfigError(f"training.xl_cache_dropout={training.xl_cache_dropout} must be in [0, 1).")

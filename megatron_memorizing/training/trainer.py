@@ -5,7 +5,7 @@
         grow the memory when the curriculum says so; empty the XL caches the dropout draws
         read one segment per slot; slots that start a new document forget the old one
         forward and backward over the micro-batches (memory read-only)
-        stop on a non-finite loss (the last checkpoint stays the last good one)
+        stop on a diverged loss, before the update, naming the last good checkpoint
         optimizer step, then commit this step's keys and values to the memory
         log; checkpoint; evaluate
     evaluate with memory and with memory disabled
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +37,12 @@ from megatron_memorizing.training.checkpoint import (
     resolve,
 )
 from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.training.divergence import DivergenceGuard, DivergedError
 from megatron_memorizing.training.freezing import freeze_below
 from megatron_memorizing.training.logger import TrainingLogger
 from megatron_memorizing.training.optimizer import build_optimizer
 from megatron_memorizing.training.schedules import learning_rate, memory_size, xl_cache_dropped
 from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -89,6 +85,8 @@ class Trainer:
         self.state = TrainState(self.model_chunks, self.optimizer, self.memories, stream, config)
         if resume_from is not None:  # model, optimizer, memory, data position, RNG: all of it
             self.checkpointer.load(resume_from, self.state)
+        self.divergence = DivergenceGuard(model.vocab_size, config.training.divergence_factor)
+        self.divergence.load_state_dict(self.state.extra.get("divergence", {}))
         self.logger = TrainingLogger(config.logging, config.training.steps, self.state.step)
         if config.training.train_from_layer > 1:
             self.logger.message(
@@ -172,17 +170,19 @@ class Trainer:
         step_loss = forward_backward(self.optimizer.model_chunks, self.memories, batch)
         loss_sum, tokens = sum_over_data_parallel(torch.tensor([step_loss.loss_sum, step_loss.tokens])).tolist()
         loss = loss_sum / max(tokens, 1.0)
-        if not math.isfinite(loss):
+        diverged = self.divergence.problem(loss)
+        if diverged:
             last = None
             if self.checkpointer:  # the checkpoint of the weights that gave this loss is not a good one
                 self.checkpointer.discard()
                 last = self.checkpointer.latest()
-            raise NonFiniteLossError(
-                f"step {state.step + 1}: the loss is {loss}; stopping before the update. The last good "
-                f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower optimizer.lr, raise "
+            raise DivergedError(
+                f"step {state.step + 1}: {diverged}; stopping before the update. The last good checkpoint is "
+                f"{last or 'none (no checkpoint was written yet)'}. Lower optimizer.lr, raise "
                 f"optimizer.warmup_steps, or check the data around this step."
             )
-        if self.checkpointer:  # its weights gave a finite loss: a good checkpoint
+        state.extra["divergence"] = self.divergence.state_dict()
+        if self.checkpointer:  # its weights gave a sane loss: a good checkpoint
             self.checkpointer.publish()
         lr = learning_rate(state.step, self.config.optimizer, training.steps)
         result = self.optimizer.step(lr)
