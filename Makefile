@@ -36,6 +36,7 @@ train: setup
 	$(VENV)/bin/megatron-memorizing-train --config configs/tiny-cpu.yaml
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-latest:

@@ -49,7 +49,8 @@ def tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                    p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)}
+                   p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                   p + "mlp.down_proj.weight": (h, f)}
     return shapes
 
 
@@ -101,7 +102,8 @@ def timed_import(hf_dir: Path, output: Path) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=1e9, help="parameters of the random Llama (default 1e9)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_import"), help="scratch folder (removed at the end)")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_import"),
+                        help="scratch folder (removed at the end)")
     args = parser.parse_args()
     shape = llama_shape(args.params)
     rows = []
@@ -122,7 +124,8 @@ def main() -> None:
     print("| weights | size on disk | import time | peak resident memory | peak / weights |")
     print("|---|---|---|---|---|")
     for name, weights, seconds, peak in rows:
-        print(f"| {name} | {weights / 2**30:.2f} GiB | {seconds:.0f} s | {peak / 2**30:.2f} GiB | {peak / weights:.2f}x |")
+        print(f"| {name} | {weights / 2**30:.2f} GiB | {seconds:.0f} s | {peak / 2**30:.2f} GiB "
+              f"| {peak / weights:.2f}x |")
 
 
 if __name__ == "__main__":

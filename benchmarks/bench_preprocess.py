@@ -23,6 +23,7 @@ import sentencepiece
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 import megatron.core.datasets.indexed_dataset  # noqa: E402,F401  (imported here, not inside the first timed run)
+
 from data_tools.corpus import build_corpus  # noqa: E402
 from data_tools.preprocess import preprocess  # noqa: E402
 from data_tools.sources import resolve_source  # noqa: E402

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from megatron_memorizing.config import MemorizingConfig
+from megatron_memorizing.data import Batch
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.memory import memory_bytes
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
-from megatron_memorizing.data import Batch
-from megatron_memorizing.training.step import forward_backward
+from megatron_memorizing.step import forward_backward
 
 
 def sync():
@@ -52,7 +52,9 @@ def build(args, memory_size):
     for layer in memories.knn_layers:  # a full memory of unit keys: every search scans M entries
         m = layer.memory
         shape = (m.num_slots, m.num_heads, memory_size, m.head_dim)
-        m.stage(slice(None), F.normalize(torch.randn(shape, device=m.device), dim=-1), torch.randn(shape, device=m.device))
+        m.stage(
+            slice(None), F.normalize(torch.randn(shape, device=m.device), dim=-1), torch.randn(shape, device=m.device)
+        )
         m.commit()
     return config, chunks, memories
 

@@ -5,8 +5,6 @@
 #
 #   benchmarks/memory_comparison.sh CORPUS STEPS VARIANT [VARIANT ...]
 #   benchmarks/memory_comparison.sh stdlib 1000 nomemory memory1536 memory8192 xl-inputs memory1536-xl-inputs
-#   benchmarks/memory_comparison.sh stdlib 500 xl-keys-values   # the XL cache of last step's keys and values
-#   benchmarks/memory_comparison.sh stdlib 4000 xl-inputs-dropout15   # 15% of segments read an empty XL cache
 #   benchmarks/memory_comparison.sh stdlib 1000 finetune-memory1536 finetune-nomemory
 #
 # The finetune-* variants start from the nomemory run's weights (train that first) and train
@@ -17,7 +15,7 @@
 # CORPUS is a directory under data/ built by `megatron-memorizing-data build [--preset ...]`.
 # Runs go to runs/cmp-CORPUS-STEPS[-TAG]/VARIANT, evaluations to runs/eval/cmp-CORPUS-STEPS[-TAG]/VARIANT.
 # SET adds overrides to every variant of one comparison, TAG names it:
-#   TAG=lr5e-4 SET="optimizer.lr=5e-4 optimizer.min_lr=5e-5" benchmarks/memory_comparison.sh stdlib 500 nomemory xl
+#   TAG=lr5e-4 SET="optimizer.lr=5e-4 optimizer.min_lr=5e-5" benchmarks/memory_comparison.sh stdlib 500 nomemory xl-inputs
 # One thread per run: two instances side by side use two cores.
 set -euo pipefail
 corpus=$1 steps=$2; shift 2
@@ -36,12 +34,8 @@ for variant in "$@"; do
         memory1536)          args=(--set model.memory_size=1536) ;;
         memory8192)          args=(--set model.memory_size=8192) ;;
         memory1536-softmax)  args=(--set model.memory_size=1536 --set model.memory_mixing=softmax) ;;
-        xl-inputs)           args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
-        memory1536-xl-inputs) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=inputs) ;;
-        xl-inputs-dropout[0-9]*) args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=inputs
-                                       --set training.xl_cache_dropout=0.${variant#xl-inputs-dropout}) ;;
-        xl-keys-values)      args=(--set "model.memory_layers=[]" --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;
-        memory1536-xl-keys-values) args=(--set model.memory_size=1536 --set model.xl_cache=true --set model.xl_cache_contents=keys_values) ;;
+        xl-inputs)           args=(--set "model.memory_layers=[]" --set model.xl_cache=true) ;;
+        memory1536-xl-inputs) args=(--set model.memory_size=1536 --set model.xl_cache=true) ;;
         finetune-memory1536) args=(--set model.memory_size=1536 "${finetune[@]}") ;;
         finetune-nomemory)   args=(--set "model.memory_layers=[]" "${finetune[@]}") ;;
         *) echo "unknown variant '$variant' (see the header of $0)" >&2; exit 2 ;;

@@ -50,7 +50,11 @@ def write_block_copies(input_path, output_path, max_lines: int = 16, seed: int =
     if output_path.exists() and not force:
         raise DataError(f"{output_path} exists; pass --force to overwrite it")
     count = 0
-    with atomic_path(output_path) as tmp, open(tmp, "w", encoding="utf-8") as out, open(input_path, encoding="utf-8") as source:
+    with (
+        atomic_path(output_path) as tmp,
+        open(tmp, "w", encoding="utf-8") as out,
+        open(input_path, encoding="utf-8") as source,
+    ):
         for number, line in enumerate(tqdm(source, desc="double blocks", unit="doc"), 1):
             try:
                 document = json.loads(line)

@@ -78,7 +78,9 @@ def build(
         if previous == options:
             return f"{out_dir} is up to date (same options; --force rebuilds)\n" + report(out_dir)
         changed = ", ".join(f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in options.items() if previous.get(k) != v)
-        raise DataError(f"{out_dir} was built with other options ({changed}): pass --force to rebuild, or use another --out")
+        raise DataError(
+            f"{out_dir} was built with other options ({changed}): pass --force to rebuild, or use another --out"
+        )
     if out_dir.exists() and any(out_dir.iterdir()) and not record.is_file() and not force:
         raise DataError(f"{out_dir} is not empty and holds no finished build: pass --force to build there anyway")
     record.unlink(missing_ok=True)
@@ -96,14 +98,17 @@ def build(
 
 def _build(out_dir: Path, options: dict, tokenizer, workers: int, cache_dir, command: str) -> None:
     """Corpus, tokenizer, datasets, then build.json: the build itself, into `out_dir`."""
-    source = resolve_source(options["preset"], options["source_dirs"], options["packages"], options["patterns"], cache_dir)
+    source = resolve_source(
+        options["preset"], options["source_dirs"], options["packages"], options["patterns"], cache_dir
+    )
     stats = build_corpus(
         source, out_dir / "corpus", options["validation_fraction"], options["test_fraction"], options["min_chars"],
         options["document_unit"],
     )
     if tokenizer is None:
         tokenizer = train_tokenizer(
-            [out_dir / "corpus" / "train.jsonl"], out_dir / SENTENCEPIECE_FILE, options["vocab_size"], options["model_type"]
+            [out_dir / "corpus" / "train.jsonl"], out_dir / SENTENCEPIECE_FILE,
+            options["vocab_size"], options["model_type"]
         ).path
     for split in _nonempty_splits(stats):
         preprocess(

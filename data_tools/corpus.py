@@ -91,7 +91,9 @@ def build_corpus(
             split = split_of(doc_id, validation_fraction, test_fraction)
             outputs[split].write(json.dumps({"id": doc_id, "source": source.preset.name, "text": text}) + "\n")
             chars[split].append(len(text))
-        for split, fraction in zip(SPLITS, (1 - validation_fraction - test_fraction, validation_fraction, test_fraction)):
+        for split, fraction in zip(
+            SPLITS, (1 - validation_fraction - test_fraction, validation_fraction, test_fraction)
+        ):
             if fraction > 0 and not chars[split]:
                 raise DataError(
                     f"the {split} split of {source.preset.name} is empty ({sum(map(len, chars.values()))} documents "

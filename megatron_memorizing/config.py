@@ -31,12 +31,47 @@ def checked_fields(cls, values: dict, where: str) -> dict:
 
     (YAML 1.1, which PyYAML reads, takes 3e-4 for a string; a float field should still accept it.)
     """
+    values = without_removed_fields(values, where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown field(s) {unknown} in {where}; valid fields are {sorted(fields)}.")
     hints = typing.get_type_hints(cls)
     return {name: _checked_value(f"{where}.{name}", value, hints[name]) for name, value in values.items()}
+
+
+# Fields that were removed but that config files, every checkpoint's config.yaml among them, may
+# still hold: "section.field" -> (the value that means what the code does now, which is dropped
+# without a word; the refusal of any other value, which would ask for what no longer exists).
+_XL_CAMPAIGN = "docs/campaigns/2026-12-01-stdlib-xl-cache-and-memory.md"
+REMOVED_FIELDS = {
+    "model.xl_cache_contents": (
+        "inputs",
+        f"the XL cache of projected keys and values was removed (it trained worse than the cache of layer "
+        f"inputs, {_XL_CAMPAIGN}); model.xl_cache=true now always caches the inputs. A checkpoint saved with it "
+        f"cannot be resumed, but its weights fit the inputs cache: start a run from them with "
+        f"checkpoint.init_from=<that checkpoint> and a fresh checkpoint.dir, in a config without this line "
+        f"(to evaluate or export that checkpoint, delete the line from its config.yaml).",
+    ),
+    "training.xl_cache_dropout": (
+        0.0,
+        f"XL cache dropout was removed (it did not help, {_XL_CAMPAIGN}): delete this line from the config "
+        f"(and from the config.yaml of a checkpoint saved with it, to resume or evaluate that checkpoint).",
+    ),
+}
+
+
+def without_removed_fields(values: dict, where: str) -> dict:
+    """`values` of config section `where` without the REMOVED_FIELDS it may hold; a ConfigError
+    naming the field and the fix if one of them asks for what was removed."""
+    kept = dict(values)
+    for name, value in values.items():
+        if f"{where}.{name}" in REMOVED_FIELDS:
+            harmless, refusal = REMOVED_FIELDS[f"{where}.{name}"]
+            if value != harmless:
+                raise ConfigError(f"{where}.{name}={value!r}: {refusal}")
+            del kept[name]
+    return kept
 
 
 _TYPE_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
@@ -178,12 +213,9 @@ class MemorySettings:
     # g = sigmoid(b_g + logsumexp of the memory logits - logsumexp of the local ones), per query,
     # so a query whose retrieval matches nothing well keeps its local attention.
     memory_mixing: str = "gate"
-    xl_cache: bool = False  # Transformer-XL: every layer also attends to the previous segment
-    # What the XL cache keeps of it: "inputs" (the layer's input hidden states, projected afresh
-    # every step with the current weights, as in Transformer-XL) or "keys_values" (as projected
-    # last step: stale by one step, it trained worse, docs/campaigns/2026-12-01-stdlib-xl-cache-and-memory.md). Both give the
-    # same outputs for the same weights.
-    xl_cache_contents: str = "inputs"
+    # Transformer-XL: every layer also attends to the previous segment, whose inputs (the layer's
+    # input hidden states) it keeps and projects afresh every step with the current weights.
+    xl_cache: bool = False
 
     @property
     def torch_memory_dtype(self) -> torch.dtype:
@@ -207,14 +239,14 @@ class MemorySettings:
             raise ConfigError(f"memory_backend={self.memory_backend!r}: use 'torch' or 'faiss'.")
         if self.memory_search_chunk < 1:
             raise ConfigError(f"memory_search_chunk={self.memory_search_chunk} must be positive.")
-        if self.xl_cache_contents not in ("keys_values", "inputs"):
-            raise ConfigError(f"xl_cache_contents={self.xl_cache_contents!r}: use 'keys_values' or 'inputs'.")
         if self.memory_mixing not in ("gate", "softmax"):
             raise ConfigError(f"memory_mixing={self.memory_mixing!r}: use 'gate' or 'softmax'.")
-        if self.memory_mixing == "softmax" and self.xl_cache and self.xl_cache_contents == "keys_values":
-            raise ConfigError(
-                "memory_mixing='softmax' needs the XL cache of inputs (xl_cache_contents: inputs) or no XL cache."
-            )
+
+
+# The layout of a whole model in one process, as evaluation, export and import build it (the
+# weights are resharded on load).
+ONE_PROCESS = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+               "virtual_pipeline_model_parallel_size": None, "sequence_parallel": False}
 
 
 @dataclass
@@ -265,6 +297,13 @@ class MemorizingConfig(ExecutionLayout, MemorySettings, TransformerArchitecture)
         self.memory_layers = tuple(sorted(set(int(n) for n in self.memory_layers)))
         self.validate()
 
+    def holding_weights_only(self) -> MemorizingConfig:
+        """This model whole in one process, as small as it gets around its weights: one micro-batch
+        of one sequence, no recompute, the smallest memory (its contents are not weights). What
+        export and import build."""
+        return dataclasses.replace(self, **ONE_PROCESS, micro_batch_size=1, num_micro_batches=1, recompute="none",
+                                   memory_size=self.knn_top_k)
+
     @property
     def local_attention_span(self) -> int:
         """Tokens a query may attend to locally: its segment, and the previous one with the XL cache."""
@@ -289,7 +328,8 @@ class MemorizingConfig(ExecutionLayout, MemorySettings, TransformerArchitecture)
         if self.vocab_size % tp:
             fail(
                 f"vocab_size={self.vocab_size} is not divisible by tensor_model_parallel_size={tp}: each "
-                f"tensor-parallel rank holds an equal slice of the embeddings. Pad the vocabulary to a multiple of {tp}."
+                f"tensor-parallel rank holds an equal slice of the embeddings. Pad the vocabulary to a multiple "
+                f"of {tp}."
             )
         groups = self.num_query_groups or self.num_attention_heads
         if groups % tp:

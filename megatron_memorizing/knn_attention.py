@@ -1,7 +1,8 @@
 """kNN-augmented core attention: the layer that gives a Memorizing Transformer its memory.
 
 Per head, every query of the segment attends twice:
-- locally, with ordinary causal attention (SegmentAttention: stock Megatron, plus the XL cache);
+- locally, with ordinary causal attention (SegmentAttention: stock Megatron; over the previous
+  segment too with the XL cache);
 - to the top-k (key, value) pairs retrieved from an external memory of the same document's past,
   softmax over the k; keys and queries are L2-normalised and carry no position.
 A learned per-head gate mixes the two: g = sigmoid(b_g), out = mem * g + local * (1 - g). With
@@ -29,7 +30,6 @@ from megatron.core.transformer.utils import (
 
 from megatron_memorizing.memory import KNNMemory
 from megatron_memorizing.segment_attention import SegmentAttention, local_attention_logits, state_device
-from megatron_memorizing.segment_cache import SegmentCache
 
 # The memory's own per-head parameters: the only ones a model may have that its checkpoint lacks
 # (a vanilla model given memory), and the ones optimizer.memory_scalars_lr_mult applies to.
@@ -78,15 +78,17 @@ class KNNAttention(SegmentAttention):
         tensor_parallel.set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
         return param
 
-    def stateful_memories(self) -> dict[str, KNNMemory | SegmentCache]:
-        return {**super().stateful_memories(), "memory": self.memory}
+    def stateful_memories(self) -> dict[str, KNNMemory]:
+        return {"memory": self.memory}
 
     @property
     def gate(self) -> torch.Tensor:
         return torch.sigmoid(self.gate_bias.float())
 
     # ---------------------------------------------------------------------------------------------
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         local = super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if not self.slot_selection.memory_enabled:  # local attention only, neither reading nor writing memory
             return local

@@ -24,8 +24,8 @@ import torch
 
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memory import KNNMemory
-from megatron_memorizing.segment_cache import SegmentCache
 from megatron_memorizing.segment_attention import SegmentAttention
+from megatron_memorizing.segment_cache import SegmentCache
 from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.xl_attention import XLSelfAttention
 
@@ -33,8 +33,8 @@ from megatron_memorizing.xl_attention import XLSelfAttention
 class ModelMemories:
     def __init__(self, model_chunks: torch.nn.Module | Iterable[torch.nn.Module], micro_batch_size: int):
         chunks = [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
-        # Every module with per-slot state: core attentions (memory, XL cache of keys and values)
-        # and self-attentions with an XL cache of inputs.
+        # Every module with per-slot state: core attentions (the kNN memory, in KNNAttention) and
+        # self-attentions with the XL cache.
         self.layers: list[SegmentAttention | XLSelfAttention] = [
             m for chunk in chunks for m in chunk.modules() if isinstance(m, (SegmentAttention, XLSelfAttention))
         ]
@@ -70,17 +70,9 @@ class ModelMemories:
 
     def reset(self, new_document: torch.Tensor) -> None:
         """Empty every slot whose sequence starts a new document ([num_slots] bool)."""
-        self._empty(new_document, (KNNMemory, SegmentCache))
-
-    def forget_previous_segments(self, slots: torch.Tensor) -> None:
-        """Empty the XL caches (not the kNN memories) of every slot where `slots` ([num_slots] bool) is True."""
-        self._empty(slots, SegmentCache)
-
-    def _empty(self, slots: torch.Tensor, kinds) -> None:
-        if bool(slots.any()):
+        if bool(new_document.any()):
             for _, memory in self.named_memories():
-                if isinstance(memory, kinds):
-                    memory.reset(slots.to(memory.fill.device))
+                memory.reset(new_document.to(memory.fill.device))
 
     def commit(self) -> None:
         for _, memory in self.named_memories():
@@ -117,8 +109,10 @@ class ModelMemories:
         mine = dict(self.named_memories())
         if set(state) != set(mine):
             kinds = {name.split(".")[1] for name in set(state) ^ set(mine)}
-            hint = (" (an XL cache of keys and values, saved before caches of inputs were the default, "
-                    "is `model.xl_cache_contents: keys_values`)") if {"xl_cache", "xl_inputs"} <= kinds else ""
+            hint = ""
+            if {"xl_cache", "xl_inputs"} <= kinds:
+                hint = (" (its XL cache of projected keys and values, model.xl_cache_contents: keys_values, was "
+                        "removed: start from its weights with checkpoint.init_from)")
             raise ValueError(
                 f"saved memory state has {sorted(state)} but this model keeps {sorted(mine)}: it was "
                 f"saved by a model with other memory layers or XL cache settings{hint}."

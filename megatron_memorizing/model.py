@@ -26,7 +26,9 @@ def build_model_chunk(
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     return GPTModel(
         config=transformer_config,
-        transformer_layer_spec=memorizing_block_spec(config, transformer_config, slot_selection, vp_stage, use_transformer_engine),
+        transformer_layer_spec=memorizing_block_spec(
+            config, transformer_config, slot_selection, vp_stage, use_transformer_engine
+        ),
         vocab_size=config.vocab_size,
         max_sequence_length=config.segment_length,
         pre_process=first,
@@ -41,5 +43,8 @@ def build_model_chunk(
 def build_model(config: MemorizingConfig, use_transformer_engine=None) -> list[GPTModel]:
     """The model chunks of this rank: one, or one per virtual pipeline stage."""
     slot_selection = SlotSelection(config.memory_slots)
-    stages = [None] if config.virtual_pipeline_model_parallel_size is None else range(config.virtual_pipeline_model_parallel_size)
+    stages = (
+        [None] if config.virtual_pipeline_model_parallel_size is None
+        else range(config.virtual_pipeline_model_parallel_size)
+    )
     return [build_model_chunk(config, stage, use_transformer_engine, slot_selection) for stage in stages]

@@ -113,3 +113,27 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def current_layout() -> dict:
+    """The running model-parallel layout, as checkpoints record it."""
+    return {
+        "tensor": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        "data": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def describe_layout(layout: dict) -> str:
+    vpp = f" x VPP={layout['virtual_pipeline']}" if layout["virtual_pipeline"] else ""
+    return f"TP={layout['tensor']} x PP={layout['pipeline']}{vpp} x DP={layout['data']}"
+
+
+def raise_on_every_rank(problem: Optional[str], error: type[Exception]) -> None:
+    """Raise rank 0's `problem` (None: there is none) as `error` on every rank (collective): a
+    rank raising alone would leave the others waiting at the next collective."""
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise error(verdict[0])

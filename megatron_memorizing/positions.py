@@ -6,8 +6,7 @@ positions 0..s-1 of the segment. Two things need them otherwise:
   otherwise look like it sat inside the current segment), so keys and queries are un-rotated
   before they are normalised, stored and searched;
 - the Transformer-XL cache: the previous segment's keys sit at positions -s..-1 relative to the
-  current segment, so they are rotated to those positions (a cache of keys stores them
-  un-rotated; a cache of inputs projects them afresh and rotates them with `freqs`).
+  current segment (the cache of inputs projects them afresh and rotates them with `freqs`).
 A rotation by -theta undoes a rotation by theta exactly (up to float rounding), so this is exact.
 """
 

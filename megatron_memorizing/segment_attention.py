@@ -1,11 +1,12 @@
-"""Core attention over one segment of a streamed document, with an optional Transformer-XL cache.
+"""Core attention over one segment of a streamed document (and the previous one, with the XL cache).
 
 This is the base of every core attention the plugin puts into a Megatron-Core layer:
 - the attention itself is the stock core attention of the base layer spec (DotProductAttention,
   or TEDotProductAttention when Transformer Engine is installed), built unchanged, so a layer with
   nothing switched on computes exactly what stock Megatron computes;
-- it owns per-slot state that outlives a step (here the XL cache; in KNNAttention the memory),
-  addressed by the slots of the micro-batch being run, read from the model's SlotSelection.
+- a subclass may own per-slot state that outlives a step (KNNAttention: the memory), addressed
+  by the slots of the micro-batch being run, read from the model's SlotSelection. (The XL cache
+  is kept by self-attention itself, XLSelfAttention in xl_attention.py.)
 
 State is never written during forward. Forward only *stages* what it would write, and the handle
 commits after the optimizer step, so forward is a pure function of (parameters, inputs, state
@@ -26,7 +27,6 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
 from megatron_memorizing.positions import RotaryPositions
-from megatron_memorizing.segment_cache import SegmentCache
 from megatron_memorizing.slot_selection import SlotSelection
 
 
@@ -53,8 +53,6 @@ class SegmentAttention(MegatronModule):
         *,
         local_attention: ModuleSpec,
         slot_selection: SlotSelection,
-        segment_length: int,
-        xl_cache: bool = False,
         rotary: Optional[dict] = None,
     ):
         super().__init__(config=config)
@@ -69,7 +67,9 @@ class SegmentAttention(MegatronModule):
             softmax_scale=softmax_scale,
             pg_collection=pg_collection,
         )
-        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        self.tp_group = (
+            pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        )
         tp_size = self.tp_group.size()
         self.heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.groups_per_partition = divide(config.num_query_groups, tp_size)
@@ -77,17 +77,8 @@ class SegmentAttention(MegatronModule):
         # The scale stock core attention gives its logits (what a caller reproducing them needs).
         self.local_softmax_scale = softmax_scale if softmax_scale is not None else self.head_dim**-0.5
         self.slot_selection = slot_selection  # which slots the running micro-batch streams
-        self.segment_length = segment_length
         # `rotary` is None unless the model uses RoPE: q/k then carry no position to remove.
         self.rotary = RotaryPositions(config, **rotary) if rotary is not None else None
-        # The previous segment's un-rotated keys and values, per slot.
-        per_position = (self.groups_per_partition, self.head_dim)
-        self.xl_cache = (
-            SegmentCache(slot_selection.num_slots, segment_length, {"keys": per_position, "values": per_position},
-                         dtype=torch.float32, device=state_device())
-            if xl_cache
-            else None
-        )
 
     @property
     def num_slots(self) -> int:
@@ -97,9 +88,9 @@ class SegmentAttention(MegatronModule):
     def slots(self) -> slice:
         return self.slot_selection.slots
 
-    def stateful_memories(self) -> dict[str, SegmentCache]:
-        """Per-slot state this layer keeps across steps, by name (checkpointed by the trainer)."""
-        return {"xl_cache": self.xl_cache} if self.xl_cache is not None else {}
+    def stateful_memories(self) -> dict:
+        """Per-slot state this layer keeps across steps, by name (checkpointed by the trainer): none here."""
+        return {}
 
     # ---------------------------------------------------------------------------------------------
     def unrotated(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,34 +99,18 @@ class SegmentAttention(MegatronModule):
     def local(self, query, key, value, attention_mask, attn_mask_type=None, **kwargs) -> torch.Tensor:
         """Local causal attention, over [previous segment; current segment] when the XL cache is on.
 
-        Keys longer than the queries come from a cache of inputs (XLSelfAttention): the previous
+        Keys longer than the queries come from the XL cache (XLSelfAttention): the previous
         segment's keys are already in front, and `attention_mask` covers both.
         """
         if key.shape[0] > query.shape[0]:
-            return self.local_attention(query, key, value, attention_mask, attn_mask_type=AttnMaskType.arbitrary, **kwargs)
-        if self.xl_cache is None:
-            return self.local_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
-        self.slot_selection.check_batch(query.shape[1], self.layer_number)
-        s = query.shape[0]
-        cached, filled = self.xl_cache.contents(self.slots)  # [b, L, g, d] each, [b]
-        length = self.xl_cache.length
-        # Stored un-rotated: rotate them to positions -L..-1, just before the current segment.
-        cache_keys = cached["keys"].transpose(0, 1).to(key.dtype)
-        if self.rotary is not None:
-            cache_keys = self.rotary.rotate(cache_keys, offset=-length)
-        cache_values = cached["values"].transpose(0, 1).to(value.dtype)
-        output = self.local_attention(
-            query,
-            torch.cat([cache_keys, key]),
-            torch.cat([cache_values, value]),
-            cache_then_causal_mask(filled, length, s),
-            attn_mask_type=AttnMaskType.arbitrary,
-            **kwargs,
-        )
-        self.xl_cache.stage(self.slots, keys=self.unrotated(key).transpose(0, 1), values=value.transpose(0, 1))
-        return output
+            return self.local_attention(
+                query, key, value, attention_mask, attn_mask_type=AttnMaskType.arbitrary, **kwargs
+            )
+        return self.local_attention(query, key, value, attention_mask, attn_mask_type=attn_mask_type, **kwargs)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None:
             raise NotImplementedError(
                 "packed sequences mix documents in one row; memorizing models stream one document "

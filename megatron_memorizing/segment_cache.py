@@ -1,7 +1,7 @@
 """The previous segment of each slot's document: what a Transformer-XL layer reads beside the current one.
 
-Per slot, one whole segment of per-position tensors, by name (the attention layer's inputs; or
-the keys and values it projected), and whether there is one (a slot that has just started a
+Per slot, one whole segment of per-position tensors, by name (the attention layer's inputs),
+and whether there is one (a slot that has just started a
 document has none). Like the kNN memory it is written only through stage/commit, so forward stays
 a pure function of the state before the step, and it is emptied where a new document starts.
 """
@@ -19,7 +19,8 @@ class SegmentCache:
         self.segments = {name: torch.zeros(num_slots, length, *shape, dtype=dtype, device=device)
                          for name, shape in shapes.items()}
         self.filled = torch.zeros(num_slots, dtype=torch.bool, device=device)
-        self._staged: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # slot range -> its segment (a re-run replaces)
+        # slot range -> its segment (a re-run replaces)
+        self._staged: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     @property
     def fill(self) -> torch.Tensor:

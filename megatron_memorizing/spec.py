@@ -1,7 +1,7 @@
 """Turning stock Megatron-Core GPT layer specs into memorizing ones.
 
 Megatron-Core builds layers from `ModuleSpec`s; the plugin changes the core attention of
-self-attention (and, for an XL cache of inputs, self-attention's class, to XLSelfAttention) and
+self-attention (and, with the XL cache, self-attention's class, to XLSelfAttention) and
 leaves everything else (projections, MLP, norms, TE or local implementations) exactly as the
 stock spec has it. A layer with neither memory nor XL cache keeps the stock spec untouched.
 Layers with per-slot state all receive the model's one SlotSelection (slot_selection.py).
@@ -44,8 +44,7 @@ def memorizing_layer_spec(
     spec = copy.deepcopy(layer_spec)
     attention = spec.submodules.self_attention.submodules
     rotary = config.rotary if config.position_embedding_type == "rope" else None
-    xl_inputs = config.xl_cache and config.xl_cache_contents == "inputs"
-    if xl_inputs:  # self-attention itself keeps and re-projects the previous segment
+    if config.xl_cache:  # self-attention itself keeps and re-projects the previous segment
         self_attention = spec.submodules.self_attention
         self_attention.module = XLSelfAttention
         self_attention.params = {
@@ -55,8 +54,6 @@ def memorizing_layer_spec(
     params = dict(
         local_attention=attention.core_attention,
         slot_selection=slot_selection,
-        segment_length=config.segment_length,
-        xl_cache=config.xl_cache and not xl_inputs,
         rotary=rotary,
     )
     if with_memory:

@@ -12,7 +12,7 @@ import sys
 
 from megatron_memorizing.config import ConfigError
 from megatron_memorizing.lifetime import die_with_parent, exit_cleanly_on_signals
-from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.run.config import RunConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +28,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="SECTION.FIELD=VALUE",
         help="override one config field, e.g. --set optimizer.lr=3e-4 --set model.memory_size=65536 (repeatable)",
     )
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
+    parser.add_argument(
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=None,
+        help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from megatron_memorizing.data import DataError
     from megatron_memorizing.parallel import destroy_distributed, lost_contact
-    from megatron_memorizing.training.checkpoint import CheckpointError
+    from megatron_memorizing.run.folder import CheckpointError
     from megatron_memorizing.training.divergence import DivergedError
     from megatron_memorizing.training.trainer import Trainer
 

@@ -27,7 +27,9 @@ from megatron_memorizing.slot_selection import SlotSelection
 
 
 class XLSelfAttention(SelfAttention):
-    def __init__(self, *args, slot_selection: SlotSelection, segment_length: int, rotary: Optional[dict] = None, **kwargs):
+    def __init__(
+        self, *args, slot_selection: SlotSelection, segment_length: int, rotary: Optional[dict] = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.slot_selection = slot_selection  # which slots the running micro-batch streams
         self.segment_length = segment_length
@@ -35,7 +37,8 @@ class XLSelfAttention(SelfAttention):
         # Under sequence parallelism each rank holds (and caches) its part of the sequence; the
         # projection gathers the parts of the cached segment as it does the current one's.
         self.sequence_shards = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
-        self.cache = SegmentCache(slot_selection.num_slots, divide(segment_length, self.sequence_shards), {"inputs": (self.config.hidden_size,)},
+        self.cache = SegmentCache(slot_selection.num_slots, divide(segment_length, self.sequence_shards),
+                                  {"inputs": (self.config.hidden_size,)},
                                   dtype=self.config.params_dtype, device=state_device())
         self._cached_inputs: Optional[torch.Tensor] = None  # [L, b, hidden] during forward only
 
@@ -67,7 +70,9 @@ class XLSelfAttention(SelfAttention):
         if self._cached_inputs is None:  # not inside forward: plain self-attention
             return super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate, split_qkv)
         if output_gate or not split_qkv:
-            raise NotImplementedError("the XL cache needs separate query, key and value (no output gate, no fused QKV RoPE)")
+            raise NotImplementedError(
+                "the XL cache needs separate query, key and value (no output gate, no fused QKV RoPE)"
+            )
         query, key, value = super().get_query_key_value_tensors(hidden_states, key_value_states)
         _, cached_key, cached_value = super().get_query_key_value_tensors(self._cached_inputs, key_value_states)
         return query, torch.cat([cached_key, key]), torch.cat([cached_value, value])

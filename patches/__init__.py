@@ -7,11 +7,7 @@ available, so GPU runs use Megatron-Core unmodified. patches/README.md lists eve
 import torch
 
 from patches.deepspeed_cpu import skip_deepspeed_shm_comm_build
-from patches.versions import (
-    ALLOW_UNTESTED_ENV,
-    SUPPORTED_MEGATRON_CORE_VERSIONS,
-    check_megatron_core_version,
-)
+from patches.versions import ALLOW_UNTESTED_ENV, SUPPORTED_MEGATRON_CORE_VERSIONS, check_megatron_core_version
 
 __all__ = [
     "ALLOW_UNTESTED_ENV",

@@ -8,7 +8,8 @@ Rather than change ``torch`` itself (which DeepSpeed, the plugin and user code s
 patched Megatron module gets its own module-global ``torch`` bound to a ``CpuDeviceTorch``: it
 forwards every attribute to the real torch, except that tensor factories send a CUDA ``device=``
 to the CPU, and ``torch.cuda`` answers ``current_device()`` with the CPU device, makes
-``synchronize()`` a no-op and hands out a CPU "stream" whose waits are no-ops. Code outside the patched modules sees the real torch.
+``synchronize()`` a no-op and hands out a CPU "stream" whose waits are no-ops. Code outside the
+patched modules sees the real torch.
 """
 
 import functools

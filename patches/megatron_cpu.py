@@ -7,7 +7,7 @@ table of failures and fixes). Nothing here touches ``torch`` itself.
 
 import functools
 import importlib
-from typing import Iterable, List, Optional, Union
+from typing import List, Union
 
 import torch
 

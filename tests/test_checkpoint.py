@@ -14,24 +14,20 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fixtures.data_corpus import build_small_data
 from megatron.core import tensor_parallel
 from scripts.ckpt_weights import segment_losses, train_state
 
-from distributed import SCRIPTS, TorchrunError, run_torchrun
 from megatron_memorizing.data import IncompatibleError
 from megatron_memorizing.eval.loading import load_checkpoint
 from megatron_memorizing.hf.convert import EXPORT_MARKER, ExportError, export
-from megatron_memorizing.training.checkpoint import (
-    PARTIAL,
-    TRACKER,
-    Checkpointer,
-    CheckpointError,
-    check_checkpoint_tokenizer,
-    load_weights,
-)
-from megatron_memorizing.training.config import CheckpointConfig
-from megatron_memorizing.training.step import forward_backward
+from megatron_memorizing.run.config import CheckpointConfig
+from megatron_memorizing.run.folder import PARTIAL, TRACKER, CheckpointError
+from megatron_memorizing.run.weights import load_weights
+from megatron_memorizing.step import forward_backward
+from megatron_memorizing.training.checkpoint import Checkpointer, check_checkpoint_tokenizer
+
+from distributed import SCRIPTS, TorchrunError, run_torchrun
+from fixtures.data_corpus import build_small_data
 
 GATE = ["decoder.layers.2.self_attention.core_attention.gate_bias",
         "decoder.layers.2.self_attention.core_attention.memory_log_scale"]
@@ -253,7 +249,9 @@ def test_a_checkpoint_of_another_tokenizer_is_refused(single_rank, data, tmp_pat
     check_checkpoint_tokenizer(saved, data.parent / "tokenizer.model")  # its own: fine
     spm.SentencePieceTrainer.train(input=str(data.parent / "train.json"), model_prefix=str(tmp_path / "other"),
                                    vocab_size=100, minloglevel=2)
-    with pytest.raises(IncompatibleError, match=rf"{saved} was trained with the tokenizer .*tokenizer.model, but .*other.model"):
+    with pytest.raises(
+        IncompatibleError, match=rf"{saved} was trained with the tokenizer .*tokenizer.model, but .*other.model"
+    ):
         check_checkpoint_tokenizer(saved, tmp_path / "other.model")
 
 
@@ -292,7 +290,9 @@ def test_resume_and_weights_refuse_another_model(single_rank, data, tmp_path):
     with pytest.raises(CheckpointError, match=r"vocab_size: saved 1024, now 2048\).*from scratch") as refused:
         Checkpointer(wider.run_config.checkpoint).load(saved, wider)
     assert "init_from" not in str(refused.value)
-    with pytest.raises(CheckpointError, match=r"embedding.word_embeddings.weight \(checkpoint \(1024, 64\), model \(2048, 64\)\)"):
+    with pytest.raises(
+        CheckpointError, match=r"embedding.word_embeddings.weight \(checkpoint \(1024, 64\), model \(2048, 64\)\)"
+    ):
         load_weights(saved, wider.model_chunks)
     deeper = train_state(data, tmp_path / "checkpoints", num_layers=6)
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: decoder\.layers\.4\."):
@@ -307,7 +307,9 @@ def test_weights_across_layouts_and_into_a_memorizing_model(single_rank, data, t
     assert load_weights(tmp_path / "memorizing", memorizing.model_chunks) == []
     assert segment_losses(memorizing, 1) == pytest.approx(saved["losses"], rel=1e-5)
     # ...but its memories and optimizer state do not resume there.
-    with pytest.raises(CheckpointError, match=r"saved with layout TP=2 x PP=2 x DP=1, but this run is TP=1 x PP=1 x DP=1.*init_from"):
+    with pytest.raises(
+        CheckpointError, match=r"saved with layout TP=2 x PP=2 x DP=1, but this run is TP=1 x PP=1 x DP=1.*init_from"
+    ):
         Checkpointer(memorizing.run_config.checkpoint).load(tmp_path / "memorizing", memorizing)
 
     # A vanilla model's weights in a memorizing model: only the gate and scale stay at init, and

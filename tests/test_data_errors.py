@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-from fixtures.data_corpus import build_small_data
 
 from data_tools.corpus import build_corpus
 from data_tools.preprocess import preprocess
@@ -18,6 +17,8 @@ from megatron_memorizing.data import (
     check_compatible,
     load_tokenizer,
 )
+
+from fixtures.data_corpus import build_small_data
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures.data_corpus import build_small_data
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_memorizing.data import DataError, DocumentStream, IncompatibleError
+
+from fixtures.data_corpus import build_small_data
 
 
 @pytest.fixture(scope="session")

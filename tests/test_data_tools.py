@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-from fixtures.data_corpus import VOCAB, build_small_data, copy_stdlib_slice
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_tools.block_copies import line_blocks
@@ -16,7 +15,9 @@ from data_tools.fetch import FetchError, fetch_debian
 from data_tools.filters import generated_reason
 from data_tools.preprocess import preprocess
 from data_tools.sources import resolve_source
-from megatron_memorizing.data import load_tokenizer, check_compatible, read_manifest
+from megatron_memorizing.data import check_compatible, load_tokenizer, read_manifest
+
+from fixtures.data_corpus import VOCAB, build_small_data, copy_stdlib_slice
 
 
 @pytest.fixture(scope="session")
@@ -249,7 +250,8 @@ def test_debian_package_builder(tmp_path):
     try:
         tree = fetch_debian("libcoq-aac-tactics", tmp_path / "cache")
     except FetchError as error:
-        if "Unable to locate package" in str(error) or "Could not resolve" in str(error) or "Failed to fetch" in str(error):
+        if ("Unable to locate package" in str(error) or "Could not resolve" in str(error)
+                or "Failed to fetch" in str(error)):
             pytest.skip(f"package index or mirror unavailable: {error}")
         raise
     assert fetch_debian("libcoq-aac-tactics", tmp_path / "cache") == tree  # cached, no second download

@@ -84,7 +84,8 @@ def test_curves_table_smoothing_and_plot(tmp_path, capsys):
     plot = tmp_path / "loss.png"
     assert curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--smooth", "2", "--out", str(plot)]) == 0
     printed = capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()[3:] if line[:1].isspace() or line[:1].isdigit()}
+    rows = {line.split()[0]: line.split()[1:] for line in printed.splitlines()[3:]
+            if line[:1].isspace() or line[:1].isdigit()}
     # Common steps only (b stops at 75); each value the mean of the last two logged.
     assert rows == {"25": ["4.0000", "8.0000"], "50": ["3.0000", "7.0000"], "75": ["2.5000", "5.0000"]}
     assert plot.read_bytes()[:8] == PNG
@@ -94,7 +95,8 @@ def test_curves_tell_runs_of_the_same_name_apart(tmp_path, capsys):
     write_scalars(tmp_path / "lr1" / "xl", {25: 4.0})
     write_scalars(tmp_path / "lr2" / "xl", {25: 5.0})
     write_scalars(tmp_path / "lr2" / "plain", {25: 6.0})
-    assert curves.main([str(tmp_path / "lr1" / "xl"), str(tmp_path / "lr2" / "xl"), str(tmp_path / "lr2" / "plain")]) == 0
+    assert curves.main([str(tmp_path / "lr1" / "xl"), str(tmp_path / "lr2" / "xl"),
+                        str(tmp_path / "lr2" / "plain")]) == 0
     header = capsys.readouterr().out.splitlines()[1].split()
     assert header == ["step", "lr1/xl", "lr2/xl", "plain"]
 
@@ -108,7 +110,8 @@ def test_curves_name_the_scalars_a_run_has(tmp_path):
 def evaluation_json(directory, run, step, perplexity, memory=0):
     """A perplexity.json as megatron-memorizing-eval writes it (the fields compare reads)."""
     condition = f"memory {memory:,}" if memory else "no memory"
-    result = dict(perplexity=perplexity, tokens=1000.0, by_position=[dict(start=0, perplexity=perplexity, tokens=1000.0)])
+    result = dict(perplexity=perplexity, tokens=1000.0,
+                  by_position=[dict(start=0, perplexity=perplexity, tokens=1000.0)])
     results = {condition: result, "local window 512, no memory": dict(result, perplexity=perplexity * 0.9)}
     if memory:
         results["no memory"] = dict(result, perplexity=perplexity * 1.1)
@@ -129,7 +132,8 @@ def test_checkpoints_of_the_same_runs_give_perplexity_over_training(tmp_path, ca
     printed = capsys.readouterr().out
     # The long-context reference is a column of its own, after no memory.
     header = printed.splitlines()[1].split("  ")
-    assert [h.strip() for h in header if h.strip()][-3:] == ["no memory", "local window 512, no memory", "vs plain-1000"]
+    assert ([h.strip() for h in header if h.strip()][-3:]
+            == ["no memory", "local window 512, no memory", "vs plain-1000"])
     over = printed.split("perplexity over training")[1].splitlines()
     rows = {line.split()[0]: line.split() for line in over if line.strip()[:1].isdigit()}
     assert rows["1,000"] == ["1,000", "300.000", "310.000", "+3.33%"]

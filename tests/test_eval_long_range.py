@@ -2,7 +2,8 @@
 
 import torch
 
-from megatron_memorizing.eval.long_range import REPEATED_LOCALLY as LOCAL, LongRangeTokens
+from megatron_memorizing.eval.long_range import REPEATED_LOCALLY as LOCAL
+from megatron_memorizing.eval.long_range import LongRangeTokens
 
 L = 4  # segment length
 # Positions:   0  1  2  3 | 4  5  6  7 | 8  9 10 11 | 12 13 14 15 | 16

@@ -18,10 +18,10 @@ from megatron_memorizing.eval.loading import LoadedModel, forward_logits, token_
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, evaluate
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
+from megatron_memorizing.run.config import DataConfig, RunConfig
 from megatron_memorizing.training.checkpoint import Checkpointer
-from megatron_memorizing.training.config import DataConfig, RunConfig
-from tiny import tiny_config
 
+from tiny import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def loaded_model(data, **overrides) -> LoadedModel:
     for chunk in chunks:
         chunk.eval()
     run = RunConfig(model=config, data=DataConfig(train=data, validation=data))
-    return LoadedModel(Path("runs/x/checkpoints/iter_0000000"), run, chunks, ModelMemories(chunks, config.micro_batch_size))
+    return LoadedModel(
+        Path("runs/x/checkpoints/iter_0000000"), run, chunks, ModelMemories(chunks, config.micro_batch_size)
+    )
 
 
 def stream(loaded, data):
@@ -115,7 +117,8 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     # token of a document but its first).
     table = load_tokenizer(Path(data).parent / "tokenizer.model").bytes_per_id()
     documents = open_indexed_dataset(data)
-    text_bytes = sum(sum(table[i] for i in documents.read(d, 1, int(documents.length[d]) - 1).tolist()) for d in range(len(documents)))
+    text_bytes = sum(sum(table[i] for i in documents.read(d, 1, int(documents.length[d]) - 1).tolist())
+                     for d in range(len(documents)))
     for result in report["results"].values():
         assert result["text_bytes"] == text_bytes
         loss_sum = result["loss"] * result["tokens"]
@@ -131,12 +134,14 @@ def test_cli_reports_a_saved_checkpoint(single_rank, data, tmp_path, capsys):
     # long-range tokens (each token is one or the other at most).
     local = {name: r["repeated_locally"] for name, r in report["results"].items()}
     assert len({r["tokens"] for r in local.values()}) == 1 and local["no memory"]["tokens"] > 0
-    assert local["no memory"]["tokens"] + sum(n for _, n in counts["no memory"]) <= report["results"]["no memory"]["tokens"]
+    assert (local["no memory"]["tokens"] + sum(n for _, n in counts["no memory"])
+            <= report["results"]["no memory"]["tokens"])
     assert all(0 < r["loss"] < 20 for r in local.values()) and "0 (local)" in printed
     # The reference reads 64 tokens at a time with the same weights: on a document's first segment
     # of 16 it sees what the model without memory sees, further on more.
     ppl = {name: {row["start"]: row["perplexity"] for row in r["by_position"]} for name, r in report["results"].items()}
-    assert all(ppl[reference][start] == pytest.approx(ppl["no memory"][start], rel=1e-4) for start in ppl[reference] if start < 16)
+    assert all(ppl[reference][start] == pytest.approx(ppl["no memory"][start], rel=1e-4)
+               for start in ppl[reference] if start < 16)
     assert ppl[reference][32] != pytest.approx(ppl["no memory"][32], rel=1e-3)
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -176,13 +181,14 @@ def test_data_of_another_tokenizer_is_refused_before_any_number(single_rank, dat
     state = train_state(data, tmp_path / "run" / "checkpoints", segment_length=16)
     saved = Checkpointer(state.run_config.checkpoint).save(state)
     with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", str(saved.parent), "--data", other_tokenizer_data, "--out" if command != "inspect_retrieval" else "--html",
-              str(tmp_path / "eval")])
+        main(["--checkpoint", str(saved.parent), "--data", other_tokenizer_data,
+              "--out" if command != "inspect_retrieval" else "--html", str(tmp_path / "eval")])
     assert exit_.value.code == 2
     captured = capsys.readouterr()
     message = captured.err.strip().splitlines()
     assert len(message) == 1 and "error:" in message[0]
-    assert str(saved / "tokenizer.model") in message[0] and "tokenizer.model" in message[0].split(other_tokenizer_data)[-1]
+    assert (str(saved / "tokenizer.model") in message[0]
+            and "tokenizer.model" in message[0].split(other_tokenizer_data)[-1])
     assert "perplexity" not in captured.out and not (tmp_path / "eval").exists()
 
 
@@ -256,5 +262,5 @@ def test_memory_layers_may_be_added_and_with_allow_other_model_moved(single_rank
                                     "--out", str(tmp_path / "look")]) == 0
     assert "memory 16" in json.loads((tmp_path / "look" / "perplexity.json").read_text())["results"]
     with pytest.warns(UserWarning, match="keep their initial values"):
-        assert perplexity_cli.main(["--checkpoint", str(saved), "--set", "model.memory_layers=[2]", "--allow-other-model",
-                                    *evaluate_briefly, "--out", str(tmp_path / "moved")]) == 0
+        assert perplexity_cli.main(["--checkpoint", str(saved), "--set", "model.memory_layers=[2]",
+                                    "--allow-other-model", *evaluate_briefly, "--out", str(tmp_path / "moved")]) == 0

@@ -65,7 +65,9 @@ def test_an_output_holding_something_else_is_refused_and_kept(tmp_path):
 
 
 def test_an_unknown_pretrained_model_is_one_line_and_exit_2():
-    done = subprocess.run([sys.executable, "-m", "data_tools.cli", "pretrained", "gpt-5"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "data_tools.cli", "pretrained", "gpt-5"], capture_output=True, text=True
+    )
     assert done.returncode == 2
     assert "invalid choice: 'gpt-5'" in done.stderr and "Traceback" not in done.stderr
 

@@ -70,7 +70,9 @@ def test_checkpoint_and_exact_resume_on_cuda(data, tmp_path):
     args = ["--dir", str(root), "--data", str(data.prefix("train")), "--backend", "deepspeed", "--steps", "6",
             "--interval", "2"]
     with pytest.raises(TorchrunError, match="SIGKILL"):
-        run_torchrun(SCRIPTS / "ckpt_train.py", 1, [*args, "--kill-at-step", "3", "--losses", str(tmp_path / "a.jsonl")])
+        run_torchrun(
+            SCRIPTS / "ckpt_train.py", 1, [*args, "--kill-at-step", "3", "--losses", str(tmp_path / "a.jsonl")]
+        )
     run_torchrun(SCRIPTS / "ckpt_train.py", 1, [*args, "--losses", str(tmp_path / "b.jsonl")])
     killed, resumed = read_log(tmp_path / "a.jsonl"), read_log(tmp_path / "b.jsonl")
     assert sorted(resumed) == [3, 4, 5, 6]

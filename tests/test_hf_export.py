@@ -17,16 +17,18 @@ import pytest
 import sentencepiece as spm
 import torch
 import yaml
-from packaging.version import Version
 from megatron.core import dist_checkpointing
+from packaging.version import Version
 from safetensors.torch import load_file
 
 from data_tools.train_tokenizer import EXACT_SETTINGS
-from distributed import SCRIPTS, environment_without_launcher, run_torchrun
-from megatron_memorizing.hf.convert import EXPORT_MARKER, TRACKER, ExportError, export
+from megatron_memorizing.hf.convert import EXPORT_MARKER, ExportError, export
 from megatron_memorizing.hf.convert import main as convert_main
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.model import build_model
+from megatron_memorizing.run.folder import TRACKER
+
+from distributed import SCRIPTS, environment_without_launcher, run_torchrun
 from tiny import stream_logits, tiny_config
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -198,7 +200,9 @@ def test_loads_and_generates_in_a_fresh_process_from_the_export_alone(checkpoint
     # the same when the prompt was read in an earlier call into a kept memory.
     assert got["first"] == got["second"] == got["manual"]
     assert got["continued"] == got["first"]
-    expected_names = ["past_key_values", "cache"] if Version(got["transformers"]) >= Version("5.24") else ["past_key_values"]
+    expected_names = (
+        ["past_key_values", "cache"] if Version(got["transformers"]) >= Version("5.24") else ["past_key_values"]
+    )
     assert sorted(got["passed_memory"]) == sorted(expected_names)
     for name, ids in got["passed_memory"].items():
         assert ids == got["first"], f"generate(..., {name}=memory) dropped the memory"
@@ -251,11 +255,15 @@ BROKEN = {
         "does not describe a memorizing GPT",
     ),
     "weights of another size": (
-        lambda run: _write_yaml(run / "iter_0000100" / "config.yaml", {"model": {**_model_section(run), "hidden_size": 32}}),
+        lambda run: _write_yaml(
+            run / "iter_0000100" / "config.yaml", {"model": {**_model_section(run), "hidden_size": 32}}
+        ),
         "do not fit",
     ),
     "weights of another memory layout": (
-        lambda run: _write_yaml(run / "iter_0000100" / "config.yaml", {"model": {**_model_section(run), "memory_layers": [2]}}),
+        lambda run: _write_yaml(
+            run / "iter_0000100" / "config.yaml", {"model": {**_model_section(run), "memory_layers": [2]}}
+        ),
         "do not fit",
     ),
     "interrupted save": (lambda run: (run / "iter_0000100" / "model" / "metadata.json").unlink(), "metadata.json"),
@@ -292,7 +300,9 @@ def test_other_bad_inputs(checkpoint, tmp_path, tokenizer_model, capsys):
         input=str(STDLIB / "argparse.py"), model_prefix=str(tmp_path / "same_size"), vocab_size=400, minloglevel=2,
         model_type="bpe", **EXACT_SETTINGS,
     )
-    with pytest.raises(ExportError, match=r"same_size.model is not the one the model was trained with \(.*tokenizer.model"):
+    with pytest.raises(
+        ExportError, match=r"same_size.model is not the one the model was trained with \(.*tokenizer.model"
+    ):
         export(run, tmp_path / "out", tokenizer=tmp_path / "same_size.model")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 

@@ -19,17 +19,20 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import STDLIB
 from data_tools.preprocess import preprocess
-from distributed import SCRIPTS, environment_without_launcher, run_torchrun
 from megatron_memorizing.data import IncompatibleError, check_compatible, load_tokenizer
 from megatron_memorizing.hf.convert import export, llama_tokenizer
 from megatron_memorizing.hf.importer import IMPORT_GATE_INIT, IMPORT_MEMORY_SCALARS_LR_MULT, HFImportError, import_model
 from megatron_memorizing.hf.importer import main as import_main
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
-from megatron_memorizing.training.checkpoint import Checkpointer, CheckpointError, check_checkpoint_tokenizer, load_weights
-from megatron_memorizing.training.config import CheckpointConfig, RunConfig
+from megatron_memorizing.run.config import CheckpointConfig, RunConfig
+from megatron_memorizing.run.folder import CheckpointError
+from megatron_memorizing.run.weights import load_weights
+from megatron_memorizing.training.checkpoint import Checkpointer, check_checkpoint_tokenizer
+
+from conftest import STDLIB
+from distributed import SCRIPTS, environment_without_launcher, run_torchrun
 from tiny import document_batches, stream_logits
 
 TOLERANCE = 1e-4
@@ -40,7 +43,8 @@ SHAPE = dict(vocab_size=448, hidden_size=64, intermediate_size=96, num_hidden_la
 FAMILY = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=False)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=64, tie_word_embeddings=False)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(sliding_window=64, tie_word_embeddings=False)),
 }
 IMPORT = {"segment_length": SEGMENT, "micro_batch_size": SLOTS, "memory_size": 64, "knn_top_k": 4}
 
@@ -190,7 +194,8 @@ def test_a_mistral_without_window_goes_back_as_mistral(single_rank, tmp_path, fa
     import_model(tmp_path / "hf", tmp_path / "ckpt", {**IMPORT, "memory_layers": []})
     out = export(tmp_path / "ckpt", tmp_path / "back")
     config = json.loads((out / "config.json").read_text())
-    assert (config["architectures"], config["model_type"], config["sliding_window"]) == (["MistralForCausalLM"], "mistral", None)
+    assert ((config["architectures"], config["model_type"], config["sliding_window"])
+            == (["MistralForCausalLM"], "mistral", None))
     ids = tokens()
     with torch.no_grad():
         assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits, hf(ids).logits)
@@ -200,7 +205,9 @@ def test_a_qwen2_with_its_window_switched_off_imports(single_rank, tmp_path, fas
     """Qwen2 checkpoints ship `use_sliding_window: false` beside a `sliding_window` value."""
     hf = hf_model("qwen2", tmp_path / "hf", fast_tokenizer)
     saved = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**saved, "use_sliding_window": False, "sliding_window": 16}))
+    (tmp_path / "hf" / "config.json").write_text(
+        json.dumps({**saved, "use_sliding_window": False, "sliding_window": 16})
+    )
     import_model(tmp_path / "hf", tmp_path / "ckpt", {**IMPORT, "memory_layers": []})
     model, config = imported_model(tmp_path / "ckpt")
     assert config.sliding_window is None
@@ -259,7 +266,8 @@ def test_a_hugging_face_tokenizer_works_through_data_tools(tmp_path, byte_level_
 
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": text}) + "\n")
     manifest = preprocess(tmp_path / "docs.jsonl", byte_level_tokenizer, tmp_path / "data" / "train")
-    assert (manifest.tokenizer_file, manifest.eod_id, manifest.tokens) == ("tokenizer.json", tokenizer.eod_id, len(ids) + 1)
+    assert ((manifest.tokenizer_file, manifest.eod_id, manifest.tokens)
+            == ("tokenizer.json", tokenizer.eod_id, len(ids) + 1))
     assert (tmp_path / "data" / "tokenizer_config.json").is_file()  # where the end-of-document token is named
     assert check_compatible(tmp_path / "data" / "train", 448, byte_level_tokenizer / "tokenizer.json").documents == 1
 
@@ -335,10 +343,12 @@ def cut_in_half(file: Path) -> None:
 
 REFUSALS = {
     "outside the family": (dict(kind="gpt2"), [], "not in the Llama family"),
-    "heads not divisible by TP": (dict(), ["model.tensor_model_parallel_size=3"], "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
+    "heads not divisible by TP": (dict(), ["model.tensor_model_parallel_size=3"],
+                                  "num_attention_heads=4 is not divisible by tensor_model_parallel_size=3"),
     "no tokenizer": (dict(tokenizer=False), [], "has no tokenizer"),
     "llama3 rope of another original context": (
-        dict(rope_parameters={**ROPE_SCALINGS["llama3"], "rope_theta": 50000.0, "original_max_position_embeddings": 64}),
+        dict(rope_parameters={**ROPE_SCALINGS["llama3"], "rope_theta": 50000.0,
+                              "original_max_position_embeddings": 64}),
         [], "rope scaling 'llama3' with .*'original_max_position_embeddings': 64"),
     "yarn rope": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
                                         "original_max_position_embeddings": 32}), [], "rope scaling of type 'yarn'"),
@@ -348,8 +358,8 @@ REFUSALS = {
     "a training setting": (dict(), ["optimizer.lr=1e-4"], "only model.\\* fields"),
     "truncated weights": (dict(damage=lambda d: cut_in_half(d / "model.safetensors")), [],
                           "model.safetensors cannot be read as safetensors .*truncated or damaged"),
-    "random bytes as weights": (dict(damage=lambda d: (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)), [],
-                                "model.safetensors cannot be read as safetensors"),
+    "random bytes as weights": (dict(damage=lambda d: (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)),
+                                [], "model.safetensors cannot be read as safetensors"),
     "an index naming a missing shard": (dict(damage=lambda d: sharded(d, without=["model-00002-of-00002.safetensors"])),
                                         [], "names the shard model-00002-of-00002.safetensors, which is not in"),
     "a shard lacking a tensor of the index": (dict(damage=lambda d: sharded(d, without=["model.norm.weight"])), [],
@@ -366,7 +376,9 @@ def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_mo
     kind, with_tokenizer, damage = spec.pop("kind", "llama"), spec.pop("tokenizer", True), spec.pop("damage", None)
     directory = tmp_path / "hf"
     if kind == "gpt2":
-        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=448)).save_pretrained(directory)
+        transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=448)
+        ).save_pretrained(directory)
         shutil.copy(tokenizer_model, directory / "tokenizer.model")
     else:
         hf_model(kind, directory, tokenizer_model, **spec)
@@ -377,7 +389,8 @@ def test_what_cannot_be_imported_is_refused_with_a_reason(tmp_path, tokenizer_mo
     before = sorted(p.name for p in directory.iterdir())
     capsys.readouterr()  # the setup's own output
 
-    argv = ["--hf-model", str(directory), "--output", str(tmp_path / "ckpt"), "--set", f"model.segment_length={SEGMENT}"]
+    argv = ["--hf-model", str(directory), "--output", str(tmp_path / "ckpt"),
+            "--set", f"model.segment_length={SEGMENT}"]
     code = import_main(argv + [a for s in settings for a in ("--set", s)])
 
     error = capsys.readouterr().err.strip()

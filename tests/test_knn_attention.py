@@ -14,7 +14,8 @@ from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.positions import RotaryPositions
 from megatron_memorizing.slot_selection import SlotSelection
-from megatron_memorizing.training.step import forward_backward
+from megatron_memorizing.step import forward_backward
+
 from tiny import document_batches, tiny_config
 
 
@@ -72,7 +73,7 @@ def test_closed_gate_equals_stock_megatron_and_open_gate_uses_memory(single_rank
     assert opened[1] != stock[1] and opened[2] != stock[2]
 
 
-def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32, mixing="gate"):
+def _layer(rotary, num_slots=2, heads=2, head_dim=16, memory_size=32, mixing="gate"):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
@@ -85,7 +86,6 @@ def _layer(rotary, num_slots=2, length=8, heads=2, head_dim=16, memory_size=32, 
         attention_type="self",
         local_attention=ModuleSpec(module=DotProductAttention),
         slot_selection=SlotSelection(num_slots),
-        segment_length=length,
         rotary=dict(rotary_base=10000, rotary_percent=1.0) if rotary else None,
         memory_size=memory_size,
         top_k=4,
@@ -163,7 +163,9 @@ def test_softmax_mixing_is_one_softmax_over_retrieved_and_local_keys(single_rank
 
     found = layer.last_retrieval
     assert found.valid.all()
-    memory_logits = torch.einsum("bhqd,bhqkd->bhqk", torch.nn.functional.normalize(q.permute(1, 2, 0, 3), dim=-1), found.keys) * scale
+    memory_logits = torch.einsum(
+        "bhqd,bhqkd->bhqk", torch.nn.functional.normalize(q.permute(1, 2, 0, 3), dim=-1), found.keys
+    ) * scale
     local_logits = torch.einsum("sbhd,tbhd->bhst", q, k) / math.sqrt(d)
     local_logits = local_logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
     probs = torch.softmax(torch.cat([memory_logits, local_logits], dim=-1), dim=-1)
@@ -175,12 +177,8 @@ def test_softmax_mixing_is_one_softmax_over_retrieved_and_local_keys(single_rank
     assert layer.retrieval_stats["memory_weight"].item() == pytest.approx(memory_share.item(), abs=1e-5)
 
 
-XL_CONTENTS = ["keys_values", "inputs"]
-
-
 @pytest.mark.parametrize("recompute", ["selective", "full"])
-@pytest.mark.parametrize("xl", [{}, *({"xl_cache": True, "xl_cache_contents": c} for c in XL_CONTENTS)],
-                         ids=["memory", *(f"memory+xl-{c}" for c in XL_CONTENTS)])
+@pytest.mark.parametrize("xl", [{}, {"xl_cache": True}], ids=["memory", "memory+xl"])
 def test_recompute_gives_identical_outputs_gradients_and_memory(single_rank, recompute, xl):
     batches = document_batches(steps=3, slots=4, length=16, vocab=128)
     results = []
@@ -202,66 +200,59 @@ def test_recompute_gives_identical_outputs_gradients_and_memory(single_rank, rec
             assert torch.equal(torch.as_tensor(memory_a[name][field]), torch.as_tensor(memory_b[name][field])), name
 
 
-@pytest.mark.parametrize("contents", XL_CONTENTS)
-def test_xl_cache_sees_the_previous_segment(single_rank, contents):
+def test_xl_cache_sees_the_previous_segment(single_rank):
     """With the XL cache, a document's second segment is predicted differently than without it."""
     batches = document_batches(steps=2, slots=4, length=16, vocab=128)
     plain = run_steps(*built(tiny_config(memory_layers=())), batches)
-    chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True, xl_cache_contents=contents))
+    chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True))
     xl = run_steps(chunks, memories, batches)
     assert xl[0] == pytest.approx(plain[0], abs=1e-6)  # empty cache: same as no cache
     assert xl[1] != pytest.approx(plain[1], abs=1e-6)
-    name = {"keys_values": "xl_cache", "inputs": "xl_inputs"}[contents]
-    assert [name.split(".")[1] for name, _ in memories.named_memories()] == [name] * 4
+    assert [name.split(".")[1] for name, _ in memories.named_memories()] == ["xl_inputs"] * 4
 
 
-@pytest.mark.parametrize("contents", XL_CONTENTS)
-def test_forgetting_previous_segments_empties_the_xl_cache_of_those_slots_only(single_rank, contents):
-    """XL cache dropout: a dropped slot reads its next segment as a document's first (local
-    attention only), while its kNN memory and every other slot keep what they hold."""
-    config = tiny_config(xl_cache=True, xl_cache_contents=contents)
-    batches = document_batches(steps=2, slots=config.memory_slots, length=16, vocab=128, boundaries=())
-    chunks, memories = built(config)
-    run_steps(chunks, memories, batches[:1])
-    before = {name: memory.fill.clone() for name, memory in memories.named_memories()}
-    dropped = torch.zeros(config.memory_slots, dtype=torch.bool)
-    dropped[1] = True
-    memories.forget_previous_segments(dropped)
-    for name, memory in memories.named_memories():
-        expected = before[name] * ~dropped if name.split(".")[1] in ("xl_cache", "xl_inputs") else before[name]
-        assert torch.equal(memory.fill, expected), name
-    # The dropped slot's next segment is predicted as if every cache were empty; the others are not.
-    twin_chunks, twin_memories = built(config)
-    run_steps(twin_chunks, twin_memories, batches[:1])
-    twin_memories.forget_previous_segments(torch.ones(config.memory_slots, dtype=torch.bool))
-    losses = forward_backward(chunks, memories, batches[1], forward_only=True).token_losses
-    no_cache = forward_backward(twin_chunks, twin_memories, batches[1], forward_only=True).token_losses
-    torch.testing.assert_close(losses[1], no_cache[1], rtol=0, atol=0)
-    assert not torch.allclose(losses[0], no_cache[0])
+def one_segment_and_its_halves(length: int) -> tuple[Batch, list[Batch]]:
+    """A document's first 2 * `length` tokens in every slot, as one segment and as two."""
+    two = document_batches(steps=1, slots=4, length=2 * length, vocab=128)[0]
+    halves = [
+        Batch(tokens=two.tokens[:, part], labels=two.labels[:, part], loss_mask=two.loss_mask[:, part],
+              new_document=two.new_document & (part.start == 0), document_ids=two.document_ids,
+              offsets=two.offsets + part.start)
+        for part in (slice(0, length), slice(length, 2 * length))
+    ]
+    return two, halves
 
 
 def test_an_xl_cache_of_inputs_trains_the_projection_on_the_cached_segment(single_rank):
-    """The same outputs as a cache of keys and values, but the cached segment is projected with the
-    current weights: the key/value projection gets gradient from it, and a changed projection
-    changes what the cached segment contributes (a cache of keys and values keeps the old ones)."""
-    batches = document_batches(steps=2, slots=4, length=16, vocab=128, boundaries=())
-    runs = {}
-    for contents in XL_CONTENTS:
-        chunks, memories = built(tiny_config(memory_layers=(), xl_cache=True, xl_cache_contents=contents))
-        run_steps(chunks, memories, batches[:1])
-        (model,) = chunks
-        qkv = model.decoder.layers[0].self_attention.linear_qkv.weight
-        qkv.grad = None
-        loss = forward_backward(chunks, memories, batches[1], forward_only=False).mean
-        grad = qkv.grad.clone()
-        with torch.no_grad():
-            qkv.mul_(1.5)  # a different projection, as after an optimizer step
-        changed = forward_backward(chunks, memories, batches[1], forward_only=True).mean
-        runs[contents] = loss, grad, changed
-    (loss_kv, grad_kv, changed_kv), (loss_in, grad_in, changed_in) = runs["keys_values"], runs["inputs"]
-    assert loss_in == pytest.approx(loss_kv, abs=1e-6)  # same weights, same cache: same outputs
-    assert not torch.allclose(grad_in, grad_kv)  # the cached positions add to the projection's gradient
-    assert changed_in != pytest.approx(changed_kv, abs=1e-6)  # re-projected vs kept
+    """The cached segment is projected afresh with the current weights, as if it were read again:
+    the last layer's key/value projection gets the gradient that attention over both segments read
+    as one gives it, and a changed projection changes what the cached segment contributes. (The
+    cached inputs themselves carry no gradient, as in Transformer-XL: hence the last layer, whose
+    inputs no layer below computes differently in the two runs' backward.)"""
+    length = 16
+    two, halves = one_segment_and_its_halves(length)
+    second_half_only = Batch(**{**vars(two), "loss_mask": torch.cat([torch.zeros_like(halves[0].loss_mask),
+                                                                      halves[1].loss_mask], dim=1)})
+    xl_chunks, xl_memories = built(tiny_config(memory_layers=(), xl_cache=True, segment_length=length))
+    long_chunks, long_memories = built(tiny_config(memory_layers=(), segment_length=2 * length))
+    run_steps(xl_chunks, xl_memories, halves[:1])
+
+    def last_projection(chunks):
+        return chunks[0].decoder.layers[-1].self_attention.linear_qkv.weight
+
+    xl_loss = forward_backward(xl_chunks, xl_memories, halves[1], forward_only=False).mean
+    long_loss = forward_backward(long_chunks, long_memories, second_half_only, forward_only=False).mean
+    assert xl_loss == pytest.approx(long_loss, abs=1e-5)
+    torch.testing.assert_close(last_projection(xl_chunks).grad, last_projection(long_chunks).grad, rtol=1e-4, atol=1e-6)
+
+    before = forward_backward(xl_chunks, xl_memories, halves[1], forward_only=True).token_losses
+    with torch.no_grad():  # a different projection, as after an optimizer step
+        last_projection(xl_chunks).mul_(1.5)
+        last_projection(long_chunks).mul_(1.5)
+    changed = forward_backward(xl_chunks, xl_memories, halves[1], forward_only=True).token_losses
+    long_changed = forward_backward(long_chunks, long_memories, two, forward_only=True).token_losses
+    assert not torch.allclose(changed, before)
+    torch.testing.assert_close(changed, long_changed[:, length:], rtol=1e-5, atol=1e-5)
 
 
 def test_growing_the_memory_keeps_its_contents_and_what_they_retrieve(single_rank):
@@ -283,21 +274,13 @@ def test_growing_the_memory_keeps_its_contents_and_what_they_retrieve(single_ran
     assert loss_after_growing == run_steps(*built(config), batches)[3:]
 
 
-@pytest.mark.parametrize("contents", XL_CONTENTS)
-def test_xl_cache_equals_attention_over_both_segments(single_rank, contents):
+def test_xl_cache_equals_attention_over_both_segments(single_rank):
     """On a document's second segment, every layer attending to the cached previous segment is
     exactly causal attention over the two segments read as one (same weights, twice the length):
     the cached keys are that longer run's keys, at the same relative (rotary) positions."""
     length = 16
-    two = document_batches(steps=1, slots=4, length=2 * length, vocab=128)[0]
-    halves = [
-        Batch(tokens=two.tokens[:, part], labels=two.labels[:, part], loss_mask=two.loss_mask[:, part],
-              new_document=two.new_document & (part.start == 0), document_ids=two.document_ids,
-              offsets=two.offsets + part.start)
-        for part in (slice(0, length), slice(length, 2 * length))
-    ]
-    xl_chunks, xl_memories = built(tiny_config(memory_layers=(), xl_cache=True, xl_cache_contents=contents,
-                                               segment_length=length))
+    two, halves = one_segment_and_its_halves(length)
+    xl_chunks, xl_memories = built(tiny_config(memory_layers=(), xl_cache=True, segment_length=length))
     xl_losses = []
     for batch in halves:
         xl_losses.append(forward_backward(xl_chunks, xl_memories, batch, forward_only=True).token_losses)

@@ -22,7 +22,9 @@ class Reference:
         self.written = [0] * S
 
     def write(self, slot, keys, values):
-        rounded = lambda t: t.to(self.dtype).double()  # what the memory can hold
+        def rounded(t):  # what the memory can hold
+            return t.to(self.dtype).double()
+
         for i in range(keys.shape[1]):
             self.entries[slot].append((self.written[slot], rounded(keys[:, i]), rounded(values[:, i])))
             self.written[slot] += 1

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_memorizing.eval.curves import read_scalar
+
 from distributed import environment_without_launcher
 from fixtures.data_corpus import VOCAB, build_small_data
-from megatron_memorizing.eval.curves import read_scalar
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_NODES = REPO / "launch_scripts" / "two_nodes.sh"
@@ -63,7 +64,8 @@ def data(tmp_path_factory):
 def settings(data, run: Path, steps: int, *extra: str) -> list[str]:
     fields = [
         f"data.train={data.prefix('train')}", f"data.validation={data.prefix('validation')}",
-        f"model.vocab_size={VOCAB}", "model.num_layers=2", "model.memory_layers=[2]", f"model.hidden_size={HEADS * HEAD_DIM}",
+        f"model.vocab_size={VOCAB}", "model.num_layers=2", "model.memory_layers=[2]",
+        f"model.hidden_size={HEADS * HEAD_DIM}",
         f"model.num_attention_heads={HEADS}", f"model.segment_length={SEGMENT}", f"model.memory_size={MEMORY}",
         "model.micro_batch_size=2", f"training.steps={steps}", "training.eval_segments=2",
         f"checkpoint.dir={run / 'checkpoints'}", "checkpoint.interval=2", f"logging.dir={run}", "logging.interval=1",
@@ -175,8 +177,10 @@ def test_the_deepspeed_launcher_starts_both_nodes_over_ssh(ssh, data, tmp_path):
     env = {**environment_without_launcher(), "VENV": sys.prefix, "HOSTFILE": str(tmp_path / "hostfile"),
            "DS_ENV_FILE": str(tmp_path / "deepspeed_env"), "MASTER_PORT": "29614",
            "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
-    job = subprocess.run(["bash", str(TWO_NODES), "run", "0", "launch_scripts/multi_node.sh", "configs/tiny-cpu.yaml", *sets],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    job = subprocess.run(
+        ["bash", str(TWO_NODES), "run", "0", "launch_scripts/multi_node.sh", "configs/tiny-cpu.yaml", *sets],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-4000:]
     assert f"cmd = pdsh -S -f 1024 -w {PREFIX}0,{PREFIX}1" in log
@@ -223,8 +227,10 @@ def test_slurm_script_runs_across_the_nodes(nodes, data, tmp_path):
            "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": f"{PREFIX}[0-1]", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "4242", "MASTER_PORT": "29613", "TWO_NODES": str(TWO_NODES),
            "TWO_NODES_PREFIX": PREFIX, "TWO_NODES_SUBNET": SUBNET}
-    job = subprocess.run(["bash", "launch_scripts/slurm.sbatch", "configs/tiny-cpu.yaml", *settings(data, tmp_path / "two", 4)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    job = subprocess.run(
+        ["bash", "launch_scripts/slurm.sbatch", "configs/tiny-cpu.yaml", *settings(data, tmp_path / "two", 4)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     assert losses(tmp_path / "two") == losses(tmp_path / "one")
 
@@ -276,4 +282,6 @@ def test_a_node_that_hangs_stops_the_other_after_the_collective_timeout(nodes, d
         node1.communicate(timeout=60)
     assert node0.returncode != 0
     assert 10 < stopped_after < 15 + 60, f"node 0 stopped {stopped_after:.0f} s after node 1 froze (timeout 15 s)"
-    assert any(line.startswith("megatron-memorizing-train: rank 0 lost contact") for line in log.splitlines()), log[-3000:]
+    assert any(
+        line.startswith("megatron-memorizing-train: rank 0 lost contact") for line in log.splitlines()
+    ), log[-3000:]

@@ -9,9 +9,10 @@ that every other launch loads, resharded, so all layouts must give the same loss
 import pytest
 import torch
 
-from distributed import SCRIPTS, run_torchrun
 from megatron_memorizing.config import ConfigError
-from megatron_memorizing.training.config import OptimizerConfig, RunConfig
+from megatron_memorizing.run.config import OptimizerConfig, RunConfig
+
+from distributed import SCRIPTS, run_torchrun
 from tiny import tiny_config
 
 SCRIPT = SCRIPTS / "optim_train.py"
@@ -26,7 +27,9 @@ BACKEND_TOLERANCE = dict(rel=1e-5, abs=1e-5)
 def single_rank(tmp_path_factory):
     init = tmp_path_factory.mktemp("optim") / "init"
     cases = ["deepspeed:1", "megatron", "deepspeed:1/10", "megatron/10"]
-    result = run_torchrun(SCRIPT, 1, [arg for case in cases for arg in ("--case", case)] + ["--init-checkpoint", str(init)])
+    result = run_torchrun(
+        SCRIPT, 1, [arg for case in cases for arg in ("--case", case)] + ["--init-checkpoint", str(init)]
+    )
     return init, result
 
 
@@ -74,7 +77,8 @@ def test_data_parallel_matches_single_rank_and_resumes_exactly(single_rank, tmp_
 def test_tp2_pp2_matches_single_rank(single_rank):
     init, expected = single_rank
     got = run_torchrun(
-        SCRIPT, 4, ["--tp", "2", "--pp", "2", "--case", "deepspeed:1", "--case", "megatron", "--init-checkpoint", str(init)]
+        SCRIPT, 4,
+        ["--tp", "2", "--pp", "2", "--case", "deepspeed:1", "--case", "megatron", "--init-checkpoint", str(init)]
     )
     for case in ("deepspeed:1", "megatron"):
         assert got[case]["losses"] == pytest.approx(expected[case]["losses"], **LAYOUT_TOLERANCE), case
@@ -85,7 +89,8 @@ def test_tp2_pp2_matches_single_rank(single_rank):
 @pytest.mark.parametrize(
     "backend, zero_stage, model, message",
     [
-        ("deepspeed", 1, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2), "virtual_pipeline"),
+        ("deepspeed", 1, dict(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+         "virtual_pipeline"),
         ("deepspeed", 0, {}, "zero_stage=0"),
         ("deepspeed", 3, {}, "zero_stage=3"),
         pytest.param(

@@ -15,16 +15,17 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import STDLIB
 from data_tools.pretrained import fetch_pretrained, registry_gguf
-from distributed import SCRIPTS, run_torchrun
 from megatron_memorizing.data import load_tokenizer
 from megatron_memorizing.hf.convert import export
 from megatron_memorizing.hf.importer import import_model
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.model import build_model
-from megatron_memorizing.training.checkpoint import load_weights
-from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.run.config import RunConfig
+from megatron_memorizing.run.weights import load_weights
+
+from conftest import STDLIB
+from distributed import SCRIPTS, run_torchrun
 from tiny import stream_logits
 
 SEGMENT = 512

@@ -8,12 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.recall_task import DEFINE, PASS, QUERY, RecallSpec, build, document_words, generate_document, generate_split
+from data_tools.recall_task import (
+    DEFINE,
+    PASS,
+    QUERY,
+    RecallSpec,
+    build,
+    document_words,
+    generate_document,
+    generate_split,
+)
 from megatron_memorizing.data import DocumentStream, load_tokenizer, open_indexed_dataset
 from megatron_memorizing.eval import recall
 from megatron_memorizing.eval.recall import distance_bucket, find_queries, recall_accuracy, task_tokens
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
+
 from tiny import tiny_config
 
 SMALL = RecallSpec(num_keys=64, num_values=8, statements=40)
@@ -118,7 +128,8 @@ def test_the_pipeline_keeps_one_token_per_word_and_the_distances(tmp_path, spec)
 
 
 def test_distance_buckets_are_whole_segment_octaves():
-    assert [distance_bucket(d, 32) for d in (0, 31, 32, 63, 64, 127, 128, 255, 256, 1000)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5]
+    assert ([distance_bucket(d, 32) for d in (0, 31, 32, 63, 64, 127, 128, 255, 256, 1000)]
+            == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5])
     assert [recall.bucket_range(b) for b in (0, 1, 4)] == [(0, 1), (1, 2), (8, 16)]
 
 
@@ -134,5 +145,6 @@ def test_recall_accuracy_scores_every_query_once(single_rank, recall_data):
     documents = open_indexed_dataset(prefix)
     expected = [dist for d in range(len(documents))
                 for _, dist in find_queries(documents.read(d, 0, int(documents.length[d])), task)]
-    assert {bucket: row[1] for bucket, row in result.buckets.items()} == Counter(distance_bucket(d, 16) for d in expected)
+    assert ({bucket: row[1] for bucket, row in result.buckets.items()}
+            == Counter(distance_bucket(d, 16) for d in expected))
     assert all(0 <= r["accuracy"] <= 1 and 0 < r["mean_probability"] < 1 for r in result.rows())

@@ -4,21 +4,58 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
+import yaml
 
-from megatron_memorizing.config import ConfigError
+from megatron_memorizing.config import ConfigError, MemorizingConfig
+from megatron_memorizing.run.config import RunConfig
 from megatron_memorizing.train import main as train_main
-from megatron_memorizing.training.config import RunConfig
-from megatron_memorizing.training.schedules import learning_rate, memory_size, xl_cache_dropped
+from megatron_memorizing.training.schedules import learning_rate, memory_size
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# The experiments' configs (the recall task's) live beside the benchmarks that run them.
+SHIPPED = sorted([*CONFIGS.glob("*.yaml"), *(ROOT / "benchmarks" / "configs").glob("*.yaml")])
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_shipped_configs_load_and_round_trip(name, tmp_path):
-    config = RunConfig.load(CONFIGS / name)
+@pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(ROOT)) for p in SHIPPED])
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    config = RunConfig.load(path)
     config.save(tmp_path / "saved.yaml")
     assert RunConfig.load(tmp_path / "saved.yaml") == config
+
+
+def test_a_checkpoint_config_with_removed_settings_at_what_the_code_does_now_loads(tmp_path):
+    """Every checkpoint's config.yaml spells out every field; those saved before an option was
+    removed hold it at the value that means what the code does now, and must keep loading."""
+    saved = RunConfig.load(CONFIGS / "tiny-cpu.yaml", ["model.xl_cache=true"]).to_dict()
+    saved["model"]["xl_cache_contents"] = "inputs"
+    saved["training"]["xl_cache_dropout"] = 0.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert (RunConfig.load(tmp_path / "config.yaml")
+            == RunConfig.load(CONFIGS / "tiny-cpu.yaml", ["model.xl_cache=true"]))
+    assert MemorizingConfig.from_dict(saved["model"]).xl_cache  # as export reads a checkpoint's model
+
+
+@pytest.mark.parametrize(
+    "section, field, value, message",
+    [
+        ("model", "xl_cache_contents", "keys_values",
+         r"model.xl_cache_contents='keys_values': the XL cache of projected keys and values was removed .*"
+         r"checkpoint.init_from=<that checkpoint> and a fresh checkpoint.dir"),
+        ("training", "xl_cache_dropout", 0.15,
+         r"training.xl_cache_dropout=0.15: XL cache dropout was removed \(it did not help, .*\): delete this line"),
+    ],
+)
+def test_a_removed_setting_asking_for_what_no_longer_exists_is_refused_with_the_fix(tmp_path, section, field, value,
+                                                                                    message):
+    saved = RunConfig.load(CONFIGS / "tiny-cpu.yaml", ["model.xl_cache=true"]).to_dict()
+    saved[section][field] = value
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(ConfigError, match=message) as refused:
+        RunConfig.load(tmp_path / "config.yaml")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match=message):  # a flag asking for it likewise
+        RunConfig.load(CONFIGS / "tiny-cpu.yaml", [f"{section}.{field}={value}"])
 
 
 def test_overrides_parse_yaml_values_including_exponent_floats():
@@ -35,7 +72,8 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optimizer.zero_stage=2", "model.pipeline_model_parallel_size=2"], "Use zero_stage=1 with pipeline parallelism"),
+        (["optimizer.zero_stage=2", "model.pipeline_model_parallel_size=2"],
+         "Use zero_stage=1 with pipeline parallelism"),
         (["optimizer.backend=adamw"], "use 'deepspeed' or 'megatron'"),
         (["training.memory_curriculum=[[0, 8192], [100, 1536]]"], "must both increase"),
         (["training.memory_curriculum=[[0, 16]]"], "below model.knn_top_k=32"),
@@ -54,10 +92,9 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["checkpoint.interval=0"], "checkpoint.interval=0 must be at least 1"),
         (["logging.interval=0"], "logging.interval=0 must be at least 1"),
         (["optimizer.lr=[1"], r"--set optimizer.lr=\[1 is not valid YAML"),
-        (["training.xl_cache_dropout=0.2"], "needs an XL cache to empty: set model.xl_cache=true"),
-        (["model.xl_cache=true", "training.xl_cache_dropout=1.0"], r"xl_cache_dropout=1.0 must be in \[0, 1\)"),
         (["training.exit_duration_minutes=-1"], r"exit_duration_minutes=-1.0 must be >= 0"),
-        (["training.exit_duration_minutes=30", "checkpoint.dir=null"], "continued from its checkpoint: set checkpoint.dir"),
+        (["training.exit_duration_minutes=30", "checkpoint.dir=null"],
+         "continued from its checkpoint: set checkpoint.dir"),
         (["training.train_from_layer=0"], "train_from_layer=0 must be a layer number, 1 \\(train every layer\\)"),
         (["training.train_from_layer=99"], "to model.num_layers="),
     ],
@@ -90,16 +127,3 @@ def test_learning_rate_warms_up_then_decays_to_min():
     assert rates[0] < rates[10] < rates[config.warmup_steps - 1]
     assert all(a >= b for a, b in zip(rates[config.warmup_steps :], rates[config.warmup_steps + 1 :]))
     assert rates[-1] == pytest.approx(config.min_lr, rel=1e-3)
-
-
-def test_xl_cache_dropout_draws_from_the_step_alone_the_same_on_every_layout():
-    """Every rank of a slot, a recomputed forward and a resumed run draw the same slots; a data-
-    parallel rank's slots are its part of the draw for all slots; about `share` of them are dropped."""
-    slots, share = 8, 0.25
-    assert torch.equal(xl_cache_dropped(7, share, 1234, slots, 0, 1), xl_cache_dropped(7, share, 1234, slots, 0, 1))
-    whole = xl_cache_dropped(7, share, 1234, 2 * slots, 0, 1)
-    assert torch.equal(torch.cat([xl_cache_dropped(7, share, 1234, slots, rank, 2) for rank in range(2)]), whole)
-    draws = torch.stack([xl_cache_dropped(step, share, 1234, slots, 0, 1) for step in range(1000)])
-    assert draws.float().mean().item() == pytest.approx(share, abs=0.02)
-    assert not torch.equal(draws[0], draws[1]) or not torch.equal(draws[1], draws[2])  # a fresh draw per step
-    assert not xl_cache_dropped(7, 0.0, 1234, slots, 0, 1).any()

@@ -45,10 +45,12 @@ def test_state_round_trips_and_another_layout_is_refused():
     assert torch.equal(restored.segments["inputs"], c.segments["inputs"]) and torch.equal(restored.filled, c.filled)
     with pytest.raises(ValueError, match="resume with the saved layout"):
         cache(slots=2).load_state_dict(c.state_dict())
-    keys_values = SegmentCache(4, 3, {"keys": (1, 2), "values": (1, 2)}, dtype=torch.float32, device=torch.device("cpu"))
+    other_fields = SegmentCache(
+        4, 3, {"keys": (1, 2), "values": (1, 2)}, dtype=torch.float32, device=torch.device("cpu")
+    )
     with pytest.raises(ValueError, match="resume with the saved layout and XL cache settings"):
-        keys_values.load_state_dict(c.state_dict())
+        other_fields.load_state_dict(c.state_dict())
     with pytest.raises(ValueError, match="whole segments of length 3"):
         c.stage(slice(0, 2), inputs=torch.zeros(2, 5, 2))
     with pytest.raises(ValueError, match="does not fit this cache of"):
-        keys_values.stage(slice(0, 2), keys=torch.zeros(2, 3, 1, 2))
+        other_fields.stage(slice(0, 2), keys=torch.zeros(2, 3, 1, 2))

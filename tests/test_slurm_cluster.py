@@ -48,8 +48,9 @@ def test_sbatch_trains_on_two_slurm_nodes_as_on_one_node(slurm, data, tmp_path):
     env = {**environment_without_launcher(), **NODES_ENV, "VENV": sys.prefix, "NPROC_PER_NODE": "1",
            "MASTER_PORT": "29615", "OMP_NUM_THREADS": "1"}
     job = subprocess.run(
-        ["bash", str(TWO_NODES_SLURM), "run", "sbatch", "--wait", "--nodes", "2", "--output", str(tmp_path / "slurm-%j.out"),
-         "launch_scripts/slurm.sbatch", "configs/tiny-cpu.yaml", *settings(data, tmp_path / "two", 4)],
+        ["bash", str(TWO_NODES_SLURM), "run", "sbatch", "--wait", "--nodes", "2", "--output",
+         str(tmp_path / "slurm-%j.out"), "launch_scripts/slurm.sbatch", "configs/tiny-cpu.yaml",
+         *settings(data, tmp_path / "two", 4)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT,
     )
     outputs = "".join(path.read_text() for path in tmp_path.glob("slurm-*.out"))

@@ -71,7 +71,8 @@ def test_launch_script_without_an_environment_says_how_to_make_one(tmp_path):
 
 def test_deepspeed_launcher_trains_on_two_cpu_ranks(data, tmp_path):
     done = launch(
-        ["bash", "launch_scripts/local_cpu.sh", "configs/tiny-cpu.yaml", *overrides(data, tmp_path, "training.steps=3")],
+        ["bash", "launch_scripts/local_cpu.sh", "configs/tiny-cpu.yaml",
+         *overrides(data, tmp_path, "training.steps=3")],
         LAUNCHER="deepspeed", NPROC="2",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -133,14 +134,16 @@ def test_checkpoints_without_a_tracker_are_resumed_not_deleted(data, tmp_path):
     output = again.stdout + again.stderr
     assert f"resumed from {checkpoints / 'iter_0000002'} at step 2 (no latest_checkpointed_iteration.txt" in output
     assert (checkpoints / "iter_0000002" / "model" / "metadata.json").read_bytes() == saved
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert (sorted(p.name for p in checkpoints.iterdir())
+            == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"])
 
     # checkpoint.resume=false on that folder: refused before step 1, in one line, nothing touched.
     fresh = launch([*args, *overrides(data, tmp_path, "training.steps=4", "checkpoint.resume=false")])
     assert fresh.returncode == 2
     assert fresh.stderr.strip().splitlines()[-1].startswith("megatron-memorizing-train: checkpoint.dir")
     assert "checkpoint.resume=false" in fresh.stderr and "Traceback" not in fresh.stderr
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert (sorted(p.name for p in checkpoints.iterdir())
+            == [".lock", "iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"])
 
 
 def test_a_run_past_its_time_stops_with_a_checkpoint_and_the_same_command_continues(data, tmp_path):
@@ -187,7 +190,8 @@ def test_resuming_with_another_memory_size_says_what_happens_to_the_memory(data,
     assert launch([*args, *overrides(data, tmp_path, "training.steps=2")]).returncode == 0
     grown = launch([*args, *overrides(data, tmp_path, "training.steps=3", "model.memory_size=512")])
     assert grown.returncode == 0, grown.stderr[-3000:]
-    assert "hold up to 256 pairs per slot and head, this run uses 512 from step 2: it grows, keeping every pair" in grown.stdout
+    assert ("hold up to 256 pairs per slot and head, this run uses 512 from step 2: it grows, keeping every pair"
+            in grown.stdout)
     shrunk = launch([*args, *overrides(data, tmp_path, "training.steps=4", "model.memory_size=128")])
     assert shrunk.returncode == 0, shrunk.stderr[-3000:]
     assert "this run uses 128 from step 3: it shrinks, keeping the newest 128 pairs" in shrunk.stdout
@@ -271,11 +275,12 @@ def test_a_full_disk_is_named_and_the_partial_save_removed(data, tmp_path):
 
 def test_train_from_layer_keeps_the_layers_below_and_the_embedding_as_they_were(data, tmp_path, single_rank):
     from megatron_memorizing.model import build_model
-    from megatron_memorizing.training.checkpoint import load_weights
-    from megatron_memorizing.training.config import RunConfig
+    from megatron_memorizing.run.config import RunConfig
+    from megatron_memorizing.run.weights import load_weights
 
     done = launch([sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml",
-                   *overrides(data, tmp_path, "training.steps=2", "checkpoint.interval=1", "training.train_from_layer=2")])
+                   *overrides(data, tmp_path, "training.steps=2", "checkpoint.interval=1",
+                              "training.train_from_layer=2")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "training layers 2-2 only" in done.stdout + done.stderr
 
@@ -293,7 +298,7 @@ def test_train_from_layer_keeps_the_layers_below_and_the_embedding_as_they_were(
 
 def test_the_log_reports_an_overflowing_perplexity_as_inf(single_rank, tmp_path, capsys):
     """A finite loss past ~709 (a diverging run) has no float exp: the log says inf, as evaluation does."""
-    from megatron_memorizing.training.config import LoggingConfig
+    from megatron_memorizing.run.config import LoggingConfig
     from megatron_memorizing.training.logger import TrainingLogger
 
     logger = TrainingLogger(LoggingConfig(dir=str(tmp_path), interval=1), total_steps=1, start_step=0)

@@ -56,7 +56,9 @@ def check_indexed_files(prefix) -> tuple[np.ndarray, np.ndarray, type]:
     if magic != _MAGIC or version != 1:
         raise CorruptDatasetError(f"{idx_path} is not a Megatron indexed-dataset index (bad header); {_REBUILD}")
     if code not in _TOKEN_DTYPES:
-        raise CorruptDatasetError(f"{idx_path} stores dtype code {code}, which is not an integer token type; {_REBUILD}")
+        raise CorruptDatasetError(
+            f"{idx_path} stores dtype code {code}, which is not an integer token type; {_REBUILD}"
+        )
     expected = _HEADER.size + 12 * sequences + 8 * documents
     if len(raw) != expected:
         what = "multimodal or " if len(raw) == expected + sequences else ""

@@ -156,8 +156,8 @@ def check_compatible(dataset_prefix, model_vocab_size: int, tokenizer_path=None)
         if other.sha256 != manifest.tokenizer_sha256:
             raise IncompatibleError(
                 f"{dataset_prefix} was tokenized with {own} (sha256 {manifest.tokenizer_sha256[:12]}), "
-                f"but the model uses {other.path} (sha256 {other.sha256[:12]}): use data tokenized with {other.path}, or re-tokenize "
-                "the data with it"
+                f"but the model uses {other.path} (sha256 {other.sha256[:12]}): use data tokenized with {other.path}, "
+                "or re-tokenize the data with it"
             )
     if manifest.vocab_size > model_vocab_size or manifest.max_token_id >= model_vocab_size:
         raise IncompatibleError(

@@ -97,7 +97,9 @@ class SentencePieceTokenizer(_TokenizerFile):
         piece for one, a piece for its text ("▁" being a space)."""
         sp = self._sp
         return [
-            0 if sp.IsControl(i) or sp.IsUnknown(i) else 1 if sp.IsByte(i) else len(sp.IdToPiece(i).replace("▁", " ").encode())
+            0 if sp.IsControl(i) or sp.IsUnknown(i)
+            else 1 if sp.IsByte(i)
+            else len(sp.IdToPiece(i).replace("▁", " ").encode())
             for i in range(sp.GetPieceSize())
         ]
 
@@ -165,7 +167,9 @@ class HFTokenizer(_TokenizerFile):
 @lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: every byte as a printable character (used by tokenizers' ByteLevel)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:

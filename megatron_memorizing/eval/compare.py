@@ -25,7 +25,13 @@ import json
 import math
 from pathlib import Path
 
-from megatron_memorizing.eval.perplexity_cli import NO_MEMORY, bucket_end, draw_by_position, memory_label, plot_by_position
+from megatron_memorizing.eval.perplexity_cli import (
+    NO_MEMORY,
+    bucket_end,
+    draw_by_position,
+    memory_label,
+    plot_by_position,
+)
 from megatron_memorizing.eval.report import new_figure, run_labels, save_figure, table
 
 Points = dict[str, list[tuple[int, float]]]  # per run, (training step, value) by step
@@ -148,7 +154,9 @@ def comparison_table(evaluations: dict[str, dict], twins: dict[str, str], baseli
         gain = f"{100 * (own(e) / own(evaluations[twins[run]]) - 1):+.2f}%" if run in twins else ""
         rows.append([run, f"{e['step']:,}", f"{e['training_memory_size']:,}" if e["training_memory_size"] else "none",
                      f"{own(e):.3f}", *cells, gain])
-    return table(["run", "step", "trained memory", "perplexity", *conditions, f"vs {baseline}" if baseline else ""], rows)
+    return table(
+        ["run", "step", "trained memory", "perplexity", *conditions, f"vs {baseline}" if baseline else ""], rows
+    )
 
 
 def position_table(evaluations: dict[str, dict]) -> str:
@@ -158,7 +166,8 @@ def position_table(evaluations: dict[str, dict]) -> str:
     starts = sorted(set.intersection(*(set(rows) for rows in by_run.values())))
     first = next(iter(by_run.values()))
     return table(["positions", "tokens", *evaluations],
-                 [[f"{s}-{bucket_end(s) - 1}", f"{first[s]['tokens']:,.0f}", *(f"{rows[s]['perplexity']:.3f}" for rows in by_run.values())]
+                 [[f"{s}-{bucket_end(s) - 1}", f"{first[s]['tokens']:,.0f}",
+                   *(f"{rows[s]['perplexity']:.3f}" for rows in by_run.values())]
                   for s in starts])
 
 

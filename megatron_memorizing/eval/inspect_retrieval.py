@@ -144,7 +144,8 @@ def render_text(inspection: Inspection, renderer: Renderer, title: str) -> str:
         title,
         f"document {inspection.document}: {len(inspection.tokens):,} tokens, segments of {inspection.segment_length}; "
         f"memory layer {inspection.layer}, gates {gates}",
-        f"mean loss with memory {inspection.loss_with_memory:.4f}, memory disabled {inspection.loss_without_memory:.4f}",
+        f"mean loss with memory {inspection.loss_with_memory:.4f}, "
+        f"memory disabled {inspection.loss_without_memory:.4f}",
         "",
     ]
     for rank, h in enumerate(inspection.highlights, start=1):
@@ -153,7 +154,9 @@ def render_text(inspection: Inspection, renderer: Renderer, title: str) -> str:
             f"with memory   {renderer.plain(h.position)}  predicts {_one_line(renderer.pieces(h.position + 1)[1])!r}"
         )
         for n in h.neighbours:
-            lines.append(f"      head {n.head}  {n.distance:>7,} back  score {n.score:5.2f}  {renderer.plain(n.position)}")
+            lines.append(
+                f"      head {n.head}  {n.distance:>7,} back  score {n.score:5.2f}  {renderer.plain(n.position)}"
+            )
     return "\n".join(lines)
 
 

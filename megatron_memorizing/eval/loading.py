@@ -19,21 +19,20 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import yaml
 from megatron.core import parallel_state
 
-from megatron_memorizing.config import ConfigError
+from megatron_memorizing.config import ONE_PROCESS, ConfigError
 from megatron_memorizing.data import Batch, DataError, check_compatible, trained_tokenizer
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import initialize_distributed
-from megatron_memorizing.training.checkpoint import CheckpointError, load_weights, parameter_changes, read_info, resolve
-from megatron_memorizing.training.config import RunConfig
+from megatron_memorizing.run.config import RunConfig
+from megatron_memorizing.run.folder import CheckpointError, read_info, resolve
+from megatron_memorizing.run.weights import load_weights, parameter_changes
 
-SINGLE_PROCESS = (
-    "model.tensor_model_parallel_size=1",
-    "model.pipeline_model_parallel_size=1",
-    "model.virtual_pipeline_model_parallel_size=null",
-)
+# As config overrides: the whole model in this process.
+SINGLE_PROCESS = tuple(f"model.{name}={yaml.safe_dump(value).splitlines()[0]}" for name, value in ONE_PROCESS.items())
 
 
 @dataclass
@@ -130,7 +129,8 @@ def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots
         )
     if not parallel_state.model_parallel_is_initialized():  # else a caller (a test, a notebook) did
         initialize_distributed(seed=config.training.seed)
-    elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() > 1:
+    elif (parallel_state.get_tensor_model_parallel_world_size()
+          * parallel_state.get_pipeline_model_parallel_world_size() > 1):
         raise RuntimeError("load_checkpoint builds the whole model in one process: initialize with TP=PP=1")
     model_chunks = build_model(config.model)
     left_at_init = load_weights(path, model_chunks)

@@ -162,7 +162,8 @@ def plot(scores: LookupScores, memory_layers: list[int], path: Path, title: str)
     for row in range(len(scores.layers)):
         for head in range(heads):
             score = float(scores.scores[row, head])
-            axes.text(head, row, f"{score:.2f}", ha="center", va="center", color="k" if score > 0.6 else "w", fontsize=8)
+            axes.text(head, row, f"{score:.2f}", ha="center", va="center", color="k" if score > 0.6 else "w",
+                      fontsize=8)
     figure.colorbar(image, ax=axes, label="attention to the token to copy")
     axes.set_title(title, fontsize=9)
     return save_figure(figure, path)
@@ -172,7 +173,8 @@ def advice(scores: LookupScores, memory_layers: list[int], threshold: float) -> 
     heads = scores.lookup_heads(threshold)
     if not heads:
         return (f"no head scores >= {threshold}: this model does not copy from its context yet, and a memory has no "
-                f"lookup to extend (train it longer, or warm it up on repeated text: docs/results.md, \"The recipe that works\")")
+                f"lookup to extend (train it longer, or warm it up on repeated text: docs/results.md, "
+                "\"The recipe that works\")")
     where = "; ".join(f"layer {layer} heads {', '.join(map(str, found))}" for layer, found in heads.items())
     layers = sorted(heads)
     verdict = ("the memory is in a lookup layer" if set(memory_layers) & set(layers)

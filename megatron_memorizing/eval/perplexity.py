@@ -17,7 +17,7 @@ from tqdm import tqdm
 from megatron_memorizing.data import DocumentStream
 from megatron_memorizing.eval.long_range import DISTANCE_EDGES, REPEATED_LOCALLY, LongRangeTokens
 from megatron_memorizing.memories import ModelMemories
-from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
+from megatron_memorizing.step import forward_backward, sum_over_data_parallel
 
 # Position buckets (tokens into the document): [0, 1), [1, 2), [2, 4), ... [2^23, longer).
 POSITION_EDGES = [0] + [2**i for i in range(24)]

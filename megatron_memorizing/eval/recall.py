@@ -22,8 +22,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data_tools.recall_task import DEFINE, QUERY, RecallSpec, fact_word
-from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, open_indexed_dataset, read_manifest
+from megatron_memorizing.data import (
+    DocumentStream,
+    dataset_tokenizer_path,
+    load_tokenizer,
+    open_indexed_dataset,
+    read_manifest,
+)
+from megatron_memorizing.data.recall_task import DEFINE, QUERY, RecallSpec, fact_word
 from megatron_memorizing.eval.loading import (
     add_checkpoint_arguments,
     evaluation_data,

@@ -73,7 +73,9 @@ class MemorizingGPTConfig(PretrainedConfig):
         self.rope_scaling_factor = rope_scaling_factor
         self.segment_length = segment_length
         # 1-based layer numbers, as in training configs (the paper's memory layer is 9 of 12).
-        self.memory_layers = list(memory_layers) if memory_layers is not None else [max(1, round(0.75 * num_hidden_layers))]
+        self.memory_layers = (
+            list(memory_layers) if memory_layers is not None else [max(1, round(0.75 * num_hidden_layers))]
+        )
         self.memory_size = memory_size
         self.knn_top_k = knn_top_k
         self.memory_backend = memory_backend
@@ -89,13 +91,18 @@ class MemorizingGPTConfig(PretrainedConfig):
         if self.normalization not in _NORMALIZATIONS:
             problems.append(f"normalization={self.normalization!r} (use one of {_NORMALIZATIONS})")
         if self.position_embedding_type not in _POSITION_EMBEDDINGS:
-            problems.append(f"position_embedding_type={self.position_embedding_type!r} (use one of {_POSITION_EMBEDDINGS})")
+            problems.append(
+                f"position_embedding_type={self.position_embedding_type!r} (use one of {_POSITION_EMBEDDINGS})"
+            )
         if self.rope_scaling_type not in (None, "llama3", "linear"):
             problems.append(f"rope_scaling_type={self.rope_scaling_type!r} (use 'llama3', 'linear' or null)")
         if self.hidden_act not in _ACTIVATIONS:
             problems.append(f"hidden_act={self.hidden_act!r} (use one of {_ACTIVATIONS})")
         if self.num_attention_heads % self.num_key_value_heads:
-            problems.append(f"num_key_value_heads={self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads}")
+            problems.append(
+                f"num_key_value_heads={self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if any(not 1 <= n <= self.num_hidden_layers for n in self.memory_layers):
             problems.append(f"memory_layers={self.memory_layers} must lie in 1..{self.num_hidden_layers}")
         if self.memory_layers and not 1 <= self.knn_top_k <= self.memory_size:

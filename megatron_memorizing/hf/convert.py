@@ -21,27 +21,27 @@ and renamed to OUT at the end: a failed export leaves no OUT behind. An earlier 
 from __future__ import annotations
 
 import argparse
-import json
 import dataclasses
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from megatron_memorizing.config import ConfigError, MemorizingConfig
 from megatron_memorizing.data import trained_tokenizer
 from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR, checkpoint_tokenizers
 from megatron_memorizing.data.tokenizer import file_sha256, load_tokenizer
 from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
+from megatron_memorizing.hf.llama_family import rope_scaling, standard_class, standard_config
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
-from megatron_memorizing.hf.llama_family import rope_scaling, standard_class, standard_config
 from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_hf
+from megatron_memorizing.run.config import read_sections
+from megatron_memorizing.run.folder import TRACKER, CheckpointError, resolve
 
-TRACKER = "latest_checkpointed_iteration.txt"
 # Written into every export: `--overwrite` replaces only a directory that holds it.
 EXPORT_MARKER = "megatron_memorizing_export.json"
 _ACTIVATIONS = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu"}
@@ -78,15 +78,8 @@ class Checkpoint:
 def iteration_dir(path: Path) -> Path:
     """The iter_* directory of `path`: one itself, or in a run directory the one training would
     resume from (its tracker file's, else its newest complete iteration)."""
-    from megatron_memorizing.training.checkpoint import CheckpointError, resolve
-
     if not path.is_dir():
         raise ExportError(f"{path} is not a directory: pass a run directory or one of its iter_* directories.")
-    if path.name.endswith(".tmp"):  # training and evaluation refuse to load these too
-        raise ExportError(
-            f"{path} is an incomplete checkpoint (a save or deletion that was interrupted, or weights the trainer "
-            f"discarded as non-finite); export the one that {path.parent / TRACKER} names."
-        )
     try:
         return resolve(path)
     except CheckpointError as error:
@@ -102,8 +95,13 @@ def read_checkpoint(path: str | Path, tokenizer: str | Path | None = None) -> Ch
             f"{directory} has no config.yaml: it is not a megatron-memorizing checkpoint (or is incomplete). "
             f"Expected <run>/{TRACKER} or <run>/iter_NNNNNNN/ with config.yaml, model/ and tokenizer.model."
         )
-    run = yaml.safe_load(config_path.read_text())
-    if not isinstance(run, dict) or not isinstance(run.get("model"), dict):
+    # The model's section only: the training sections may hold what only the training machine
+    # runs (a GPU optimizer, say), which export does not need.
+    try:
+        run = read_sections(config_path)
+    except ConfigError as error:
+        raise ExportError(str(error)) from None
+    if not isinstance(run.get("model"), dict):
         raise ExportError(f"{config_path} has no `model:` section: it was not written by megatron-memorizing.")
     try:
         config = MemorizingConfig.from_dict(run["model"])
@@ -140,19 +138,7 @@ def load_megatron_state(checkpoint: Checkpoint) -> tuple[dict, object]:
     from megatron_memorizing.model import build_model_chunk
     from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
 
-    # One process holds the whole model; the memory buffers it allocates are not exported, so
-    # they are kept as small as the config allows.
-    single = dataclasses.replace(
-        checkpoint.config,
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None,
-        sequence_parallel=False,
-        micro_batch_size=1,
-        num_micro_batches=1,
-        recompute="none",
-        memory_size=checkpoint.config.knn_top_k,
-    )
+    single = checkpoint.config.holding_weights_only()
     started = not parallel_state.model_parallel_is_initialized()
     if started:
         initialize_distributed()

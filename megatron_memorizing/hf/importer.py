@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import sys
 import tempfile
@@ -265,15 +264,10 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
     from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR
     from megatron_memorizing.model import build_model_chunk
     from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
-    from megatron_memorizing.training.checkpoint import Checkpointer
-    from megatron_memorizing.training.config import CheckpointConfig, OptimizerConfig, RunConfig
+    from megatron_memorizing.run.config import CheckpointConfig, OptimizerConfig, RunConfig
+    from megatron_memorizing.run.weights import save_weights
 
-    # Built in one process; the memory buffers are not saved, so they are kept small.
-    single = dataclasses.replace(
-        config, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, sequence_parallel=False, micro_batch_size=1,
-        num_micro_batches=1, recompute="none", memory_size=config.knn_top_k,
-    )
+    single = config.holding_weights_only()
     started = not parallel_state.model_parallel_is_initialized()
     if started:
         initialize_distributed()
@@ -297,16 +291,14 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
         copied = {f"{IMPORTED_TOKENIZER_DIR}/{name}": path for name, path in files.items()} | {IMPORTED_CONFIG_FILE: hf_dir / "config.json"}
         if "tokenizer.model" in files:
             copied["tokenizer.model"] = files["tokenizer.model"]
-        return Checkpointer(CheckpointConfig(dir=str(output))).write_weights_only(
-            [model], run, copied, imported_from=str(source.resolve()),
-        )
+        return save_weights(output, [model], run, copied, imported_from=str(source.resolve()))
     finally:
         if started:
             destroy_distributed()
 
 
 def main(argv=None) -> int:
-    from megatron_memorizing.training.config import apply_override
+    from megatron_memorizing.run.config import apply_override
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-model", required=True,

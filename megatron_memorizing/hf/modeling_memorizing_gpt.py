@@ -238,7 +238,8 @@ def _faiss_top_k(queries, keys, k):
     for i in range(b):
         for j in range(g):
             found_scores, found = faiss.knn(
-                queries[i, j].contiguous().numpy(), keys[i, j].contiguous().numpy(), k, metric=faiss.METRIC_INNER_PRODUCT
+                queries[i, j].contiguous().numpy(), keys[i, j].contiguous().numpy(), k,
+                metric=faiss.METRIC_INNER_PRODUCT
             )
             scores[i, j], indices[i, j] = torch.from_numpy(found_scores), torch.from_numpy(found)
     return scores, indices
@@ -443,7 +444,9 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MemorizingGPTModel(config)
         # Tied models reuse the input embedding as the output layer (no separate parameter).
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.kept_memory = None
         self.post_init()
 
@@ -506,5 +509,7 @@ class MemorizingGPTForCausalLM(MemorizingGPTPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
             )
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: None if use_cache is False else memory})
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{_CACHE_FIELD: None if use_cache is False else memory}
+        )
         return output if return_dict is not False else output.to_tuple()

@@ -73,7 +73,9 @@ def to_hf(megatron: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.
 
 
 def to_megatron(
-    hf: Mapping[str, torch.Tensor], layout: Layout, cast: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t
+    hf: Mapping[str, torch.Tensor],
+    layout: Layout,
+    cast: Callable[[str, torch.Tensor], torch.Tensor] = lambda name, t: t,
 ) -> dict[str, torch.Tensor]:
     """Hugging Face names and layouts -> Megatron's fused ones (the inverse of `to_hf`).
 
@@ -95,7 +97,9 @@ def to_megatron(
             out[fused.megatron] = cast(fused.megatron, fused.join([take(name) for name in fused.parts])).contiguous()
         elif any(present):
             missing = [name for name, there in zip(fused.parts, present) if not there]
-            raise WeightsMismatch(f"{fused.megatron} is made of {', '.join(fused.parts)}; missing: {', '.join(missing)}")
+            raise WeightsMismatch(
+                f"{fused.megatron} is made of {', '.join(fused.parts)}; missing: {', '.join(missing)}"
+            )
     _refuse_leftovers(remaining)
     return out
 
@@ -132,7 +136,8 @@ def _fused_tensors(layout: Layout):
                 mlp = (f"{theirs}mlp.gate_proj.{kind}", f"{theirs}mlp.up_proj.{kind}")
                 yield _Fused(f"{mine}mlp.linear_fc1.{kind}", mlp, lambda t: t.chunk(2, dim=0), torch.cat)
             else:
-                yield _Fused(f"{mine}mlp.linear_fc1.{kind}", (f"{theirs}mlp.up_proj.{kind}",), lambda t: [t], lambda parts: parts[0])
+                yield _Fused(f"{mine}mlp.linear_fc1.{kind}", (f"{theirs}mlp.up_proj.{kind}",),
+                             lambda t: [t], lambda parts: parts[0])
 
 
 def _renamings(layout: Layout):

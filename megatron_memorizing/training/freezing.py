@@ -17,11 +17,14 @@ def freeze_below(model_chunks: list[GPTModel], first_trained_layer: int) -> tupl
     """Freeze the embedding and every layer numbered below `first_trained_layer` (1-based, global)
     in this rank's chunks; returns (trained, total) parameter counts of these chunks."""
     for chunk in model_chunks:
-        frozen: list[torch.nn.Module] = [layer for layer in chunk.decoder.layers if layer.layer_number < first_trained_layer]
+        frozen: list[torch.nn.Module] = [
+            layer for layer in chunk.decoder.layers if layer.layer_number < first_trained_layer
+        ]
         if first_trained_layer > 1:
             if chunk.pre_process:
                 frozen.append(chunk.embedding)
-            if chunk.post_process and chunk.share_embeddings_and_output_weights and chunk.output_layer.weight is not None:
+            if (chunk.post_process and chunk.share_embeddings_and_output_weights
+                    and chunk.output_layer.weight is not None):
                 frozen.append(chunk.output_layer)  # the last stage's copy of the tied embedding
         for module in frozen:
             module.requires_grad_(False)

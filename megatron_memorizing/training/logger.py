@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from megatron_memorizing.eval.perplexity import perplexity_of
-from megatron_memorizing.training.config import LoggingConfig
+from megatron_memorizing.run.config import LoggingConfig
 
 
 class TrainingLogger:
@@ -58,7 +58,9 @@ class TrainingLogger:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
         gates = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/gate"))
-        weights = " ".join(f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/memory_weight"))
+        weights = " ".join(
+            f"{k.split('/')[1]}:{v:.2f}" for k, v in sorted(scalars.items()) if k.endswith("/memory_weight")
+        )
         self.progress.write(
             f"step {step:>6} | loss {loss:.4f} | ppl {perplexity_of(loss):9.2f} | lr {lr:.2e} | "
             f"grad {grad_norm:.3f} | {tokens_per_s:,.0f} tok/s"

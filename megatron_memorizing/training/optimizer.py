@@ -49,8 +49,8 @@ from megatron.core.optimizer import ParamKey, get_megatron_optimizer, get_standa
 
 import patches
 from megatron_memorizing.knn_attention import MEMORY_PARAMETERS
+from megatron_memorizing.run.config import RunConfig
 from megatron_memorizing.training import deepspeed_mpu
-from megatron_memorizing.training.config import RunConfig
 
 # DeepSpeed's checkpoint tag (a subdirectory): `save`/`load` take one directory per checkpoint.
 DEEPSPEED_TAG = "deepspeed"

@@ -26,23 +26,17 @@ from megatron_memorizing.eval.perplexity import Perplexity, evaluate
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed
+from megatron_memorizing.run.config import RunConfig
+from megatron_memorizing.run.folder import TRACKER, CheckpointError, resolve
+from megatron_memorizing.run.weights import load_weights
 from megatron_memorizing.segment_attention import state_device
-from megatron_memorizing.training.checkpoint import (
-    TRACKER,
-    Checkpointer,
-    CheckpointError,
-    TrainState,
-    check_checkpoint_tokenizer,
-    load_weights,
-    resolve,
-)
-from megatron_memorizing.training.config import RunConfig
-from megatron_memorizing.training.divergence import DivergenceGuard, DivergedError
+from megatron_memorizing.step import forward_backward, sum_over_data_parallel
+from megatron_memorizing.training.checkpoint import Checkpointer, TrainState, check_checkpoint_tokenizer
+from megatron_memorizing.training.divergence import DivergedError, DivergenceGuard
 from megatron_memorizing.training.freezing import freeze_below
 from megatron_memorizing.training.logger import TrainingLogger
 from megatron_memorizing.training.optimizer import build_optimizer
-from megatron_memorizing.training.schedules import learning_rate, memory_size, xl_cache_dropped
-from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel
+from megatron_memorizing.training.schedules import learning_rate, memory_size
 
 
 @dataclass
@@ -80,7 +74,8 @@ class Trainer:
         trained = freeze_below(self.model_chunks, config.training.train_from_layer)
         self.optimizer = build_optimizer(config, self.model_chunks)
         stream = DocumentStream(
-            config.data.train, model.memory_slots, model.segment_length, self.dp_rank, self.dp_size, seed=config.data.seed
+            config.data.train, model.memory_slots, model.segment_length, self.dp_rank, self.dp_size,
+            seed=config.data.seed
         )
         self.state = TrainState(self.model_chunks, self.optimizer, self.memories, stream, config)
         if resume_from is not None:  # model, optimizer, memory, data position, RNG: all of it
@@ -161,10 +156,6 @@ class Trainer:
             )
         wanted = memory_size(state.step, training.memory_curriculum, self.config.model.memory_size)
         self.memories.resize(wanted)
-        if training.xl_cache_dropout:
-            self.memories.forget_previous_segments(xl_cache_dropped(
-                state.step, training.xl_cache_dropout, training.seed, self.config.model.memory_slots, self.dp_rank, self.dp_size
-            ))
 
         self.optimizer.zero_grad()
         step_loss = forward_backward(self.optimizer.model_chunks, self.memories, batch)
@@ -202,9 +193,13 @@ class Trainer:
         saved = self.memories.snapshot()  # evaluation streams other documents through the slots
         try:
             if with_memory:
-                return evaluate(self.optimizer.model_chunks, self.memories, stream, self.config.training.eval_segments or None)
+                return evaluate(
+                    self.optimizer.model_chunks, self.memories, stream, self.config.training.eval_segments or None
+                )
             with self.memories.disabled():
-                return evaluate(self.optimizer.model_chunks, self.memories, stream, self.config.training.eval_segments or None)
+                return evaluate(
+                    self.optimizer.model_chunks, self.memories, stream, self.config.training.eval_segments or None
+                )
         finally:
             self.memories.load_state_dict(saved)
 

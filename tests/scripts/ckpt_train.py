@@ -26,22 +26,18 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`, `distributed`
 
-from distributed import write_result  # noqa: E402
 from megatron_memorizing.data import DocumentStream  # noqa: E402
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
+from megatron_memorizing.run import folder  # noqa: E402
+from megatron_memorizing.run.config import CheckpointConfig, DataConfig, OptimizerConfig, RunConfig, TrainingConfig  # noqa: E402
+from megatron_memorizing.step import forward_backward, sum_over_data_parallel  # noqa: E402
 from megatron_memorizing.training.checkpoint import Checkpointer, TrainState  # noqa: E402
-from megatron_memorizing.training.config import (  # noqa: E402
-    CheckpointConfig,
-    DataConfig,
-    OptimizerConfig,
-    RunConfig,
-    TrainingConfig,
-)
 from megatron_memorizing.training.optimizer import build_optimizer  # noqa: E402
 from megatron_memorizing.training.schedules import learning_rate  # noqa: E402
-from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel  # noqa: E402
+
+from distributed import write_result  # noqa: E402
 from tiny import tiny_config  # noqa: E402
 
 VOCAB = 1024  # the test dataset's tokenizer has 1000 pieces
@@ -104,10 +100,11 @@ def main():
         state.extra["tokens"] = state.extra.get("tokens", 0) + tokens
         if torch.distributed.get_rank() == 0:
             with open(args.losses, "a") as log:
-                log.write(json.dumps({"step": state.step, "loss": loss_sum / tokens, "tokens": state.extra["tokens"]}) + "\n")
+                log.write(json.dumps({"step": state.step, "loss": loss_sum / tokens,
+                                      "tokens": state.extra["tokens"]}) + "\n")
         if state.step % config.checkpoint.interval == 0 or state.step == config.training.steps:
             if state.step == args.kill_in_save_at:
-                checkpointer._publish = die
+                folder.publish = die  # after every rank wrote, before the rename
             checkpointer.save(state)
         if state.step == args.kill_at_step:
             die()

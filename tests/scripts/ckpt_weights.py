@@ -15,15 +15,16 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`, `distributed`
 
-from distributed import write_result  # noqa: E402
 from megatron_memorizing.data import DocumentStream  # noqa: E402
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
+from megatron_memorizing.run.config import CheckpointConfig, DataConfig, OptimizerConfig, RunConfig  # noqa: E402
+from megatron_memorizing.step import forward_backward, sum_over_data_parallel  # noqa: E402
 from megatron_memorizing.training.checkpoint import Checkpointer, TrainState  # noqa: E402
-from megatron_memorizing.training.config import CheckpointConfig, DataConfig, OptimizerConfig, RunConfig  # noqa: E402
 from megatron_memorizing.training.optimizer import build_optimizer  # noqa: E402
-from megatron_memorizing.training.step import forward_backward, sum_over_data_parallel  # noqa: E402
+
+from distributed import write_result  # noqa: E402
 from tiny import document_batches, tiny_config  # noqa: E402
 
 VOCAB = 1024  # the test dataset's tokenizer has 1000 pieces
@@ -43,7 +44,9 @@ def train_state(data: str, checkpoint_dir: Path, **model_overrides) -> TrainStat
         data, model.memory_slots, model.segment_length,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
     )
-    return TrainState(chunks, build_optimizer(config, chunks), ModelMemories(chunks, model.micro_batch_size), stream, config)
+    return TrainState(
+        chunks, build_optimizer(config, chunks), ModelMemories(chunks, model.micro_batch_size), stream, config
+    )
 
 
 def segment_losses(state: TrainState, segments: int) -> list[float]:

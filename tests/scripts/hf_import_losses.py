@@ -16,13 +16,14 @@ from megatron.core import parallel_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny`, `distributed`
 
-from distributed import write_result  # noqa: E402
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
-from megatron_memorizing.training.checkpoint import load_weights  # noqa: E402
-from megatron_memorizing.training.config import RunConfig  # noqa: E402
-from megatron_memorizing.training.step import forward_backward  # noqa: E402
+from megatron_memorizing.run.config import RunConfig  # noqa: E402
+from megatron_memorizing.run.weights import load_weights  # noqa: E402
+from megatron_memorizing.step import forward_backward  # noqa: E402
+
+from distributed import write_result  # noqa: E402
 from tiny import document_batches, segment_batches  # noqa: E402
 
 

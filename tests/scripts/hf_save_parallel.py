@@ -16,10 +16,11 @@ from megatron.core import dist_checkpointing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `distributed`
 
-from distributed import write_result  # noqa: E402
 from megatron_memorizing.config import MemorizingConfig  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
+
+from distributed import write_result  # noqa: E402
 
 
 def main():

@@ -25,9 +25,10 @@ from megatron_memorizing.knn_attention import MEMORY_PARAMETERS  # noqa: E402
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
-from megatron_memorizing.training.config import OptimizerConfig, RunConfig, TrainingConfig  # noqa: E402
+from megatron_memorizing.run.config import OptimizerConfig, RunConfig, TrainingConfig  # noqa: E402
+from megatron_memorizing.step import forward_backward  # noqa: E402
 from megatron_memorizing.training.optimizer import build_optimizer  # noqa: E402
-from megatron_memorizing.training.step import forward_backward  # noqa: E402
+
 from tiny import document_batches, tiny_config  # noqa: E402
 
 GLOBAL_SLOTS = 4
@@ -146,7 +147,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--case", action="append", required=True, help="megatron or deepspeed:STAGE, then /MULT for a memory scalars lr_mult")
+    parser.add_argument("--case", action="append", required=True,
+                        help="megatron or deepspeed:STAGE, then /MULT for a memory scalars lr_mult")
     parser.add_argument("--resume-at", type=int, help="save after this step, reload, replay the rest")
     parser.add_argument("--work-dir", help="where --resume-at saves (shared by all ranks)")
     parser.add_argument("--init-checkpoint", required=True, help="written if absent, else loaded")
@@ -166,7 +168,8 @@ def main():
     result = {case: run_case(case, args, batches) for case in args.case}
 
     last_stage = parallel_state.is_pipeline_last_stage()
-    if last_stage and parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+    if (last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0):
         Path(args.result).write_text(json.dumps(result))
     destroy_distributed()
 

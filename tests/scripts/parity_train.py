@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `tiny
 from megatron_memorizing.memories import ModelMemories  # noqa: E402
 from megatron_memorizing.model import build_model  # noqa: E402
 from megatron_memorizing.parallel import destroy_distributed, initialize_distributed  # noqa: E402
-from megatron_memorizing.training.step import forward_backward  # noqa: E402
+from megatron_memorizing.step import forward_backward  # noqa: E402
+
 from tiny import document_batches, tiny_config  # noqa: E402
 
 GLOBAL_SLOTS = 4
@@ -32,7 +33,6 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--recompute", default="none")
-    parser.add_argument("--xl-cache-contents", default="inputs", choices=["keys_values", "inputs"])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--init-checkpoint", required=True, help="written if absent, else loaded")
     parser.add_argument("--save-checkpoint", help="save the trained weights here")
@@ -50,7 +50,6 @@ def main():
         micro_batch_size=1,
         num_micro_batches=slots,
         xl_cache=True,
-        xl_cache_contents=args.xl_cache_contents,
         recompute=args.recompute,
     )
     torch.manual_seed(0)

@@ -38,7 +38,10 @@ def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     token_losses = per_token_loss.float() * mask
     loss_sum, tokens = token_losses.sum(), mask.sum().to(torch.int)
     # Megatron divides by `tokens` and the micro-batch count: gradients are per-token means.
-    reported = {"lm loss": torch.stack([loss_sum.detach(), tokens.detach().float()]), "token loss": token_losses.detach()}
+    reported = {
+        "lm loss": torch.stack([loss_sum.detach(), tokens.detach().float()]),
+        "token loss": token_losses.detach(),
+    }
     return loss_sum, tokens, reported
 
 
@@ -68,7 +71,8 @@ def forward_backward(
     num_micro_batches = slots // micro_batch_size
     position_ids = torch.arange(seq_length, device=batch.tokens.device).expand(micro_batch_size, -1)
     micro_batches = [
-        (j, {k: getattr(batch, k)[j * micro_batch_size : (j + 1) * micro_batch_size] for k in ("tokens", "labels", "loss_mask")})
+        (j, {k: getattr(batch, k)[j * micro_batch_size : (j + 1) * micro_batch_size]
+             for k in ("tokens", "labels", "loss_mask")})
         for j in range(num_micro_batches)
     ]
 

@@ -67,11 +67,6 @@ class TrainingConfig:
     # Memory curriculum: [[step, memory_size], ...], sizes growing over the run (contents kept).
     # Empty: model.memory_size throughout.
     memory_curriculum: list = field(default_factory=list)
-    # Share of training segments read with an empty XL cache, drawn per slot and step (the rest
-    # read the previous segment as usual). A document's first segment always has an empty cache,
-    # and evaluation reads every document from its start: without this, a model trained on long
-    # documents rarely learns that regime. 0: never (the cache is emptied at documents' starts only).
-    xl_cache_dropout: float = 0.0
     # Train only the layers from this one up (1-based); the embedding and the layers below it stay
     # frozen (and a tied output layer with the embedding): adding memory to a pretrained model,
     # layers below the memory layer can keep their pretrained weights. 1: train everything.
@@ -138,7 +133,9 @@ class RunConfig:
         if opt.warmup_steps < 0 or opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
             raise ConfigError("optimizer: need warmup_steps >= 0 and 0 <= min_lr <= lr, lr > 0.")
         if opt.memory_scalars_lr_mult <= 0:
-            raise ConfigError(f"optimizer.memory_scalars_lr_mult={opt.memory_scalars_lr_mult} must be > 0 (1: no change).")
+            raise ConfigError(
+                f"optimizer.memory_scalars_lr_mult={opt.memory_scalars_lr_mult} must be > 0 (1: no change)."
+            )
         stages = _pipeline_ranks_without_memory(model)
         if opt.memory_scalars_lr_mult != 1.0 and model.memory_layers and stages:
             # The multiplier is a parameter group of its own, on the ranks that hold memory layers
@@ -165,24 +162,19 @@ class RunConfig:
                 f"training.divergence_factor={training.divergence_factor} must be above 1 (a loss that many times "
                 f"the recent average stops the run), or 0 to stop only on a non-finite loss."
             )
-        if not 0.0 <= training.xl_cache_dropout < 1.0:
-            raise ConfigError(f"training.xl_cache_dropout={training.xl_cache_dropout} must be in [0, 1).")
         if not 1 <= training.train_from_layer <= model.num_layers:
             raise ConfigError(
                 f"training.train_from_layer={training.train_from_layer} must be a layer number, 1 (train every "
                 f"layer) to model.num_layers={model.num_layers}."
             )
         if training.exit_duration_minutes < 0:
-            raise ConfigError(f"training.exit_duration_minutes={training.exit_duration_minutes} must be >= 0 (0: never).")
+            raise ConfigError(
+                f"training.exit_duration_minutes={training.exit_duration_minutes} must be >= 0 (0: never)."
+            )
         if training.exit_duration_minutes and not self.checkpoint.dir:
             raise ConfigError(
                 f"training.exit_duration_minutes={training.exit_duration_minutes} stops the run to be continued "
                 f"from its checkpoint: set checkpoint.dir, or training.exit_duration_minutes=0."
-            )
-        if training.xl_cache_dropout and not model.xl_cache:
-            raise ConfigError(
-                f"training.xl_cache_dropout={training.xl_cache_dropout} needs an XL cache to empty: "
-                f"set model.xl_cache=true, or training.xl_cache_dropout=0."
             )
         at_least = {
             "checkpoint.keep_last": (self.checkpoint.keep_last, 1),
@@ -254,18 +246,24 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> "RunConfig":
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist (shipped configs are in configs/).")
-        d = _parse_yaml(path.read_text(), f"{path}") or {}
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path} holds {type(d).__name__}, not a mapping of sections (model:, data:, ...).")
-        for override in overrides:
-            apply_override(d, override)
-        return cls.from_dict(d)
+        return cls.from_dict(read_sections(path, overrides))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_sections(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A config file (a run's config.yaml, or one of configs/) as a dict of sections, `overrides`
+    applied, not yet checked: `RunConfig.load` checks every section, export only the model's."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist (shipped configs are in configs/).")
+    d = _parse_yaml(path.read_text(), f"{path}") or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds {type(d).__name__}, not a mapping of sections (model:, data:, ...).")
+    for override in overrides:
+        apply_override(d, override)
+    return d
 
 
 def apply_override(d: dict, override: str) -> None:
