@@ -17,7 +17,7 @@ This segment's keys and values are staged and become searchable only after the s
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from megatron_memorizing.memory import KNNMemory
+from megatron_memorizing.memory import KNNMemory, Retrieved
 from megatron_memorizing.segment_attention import SegmentAttention, local_attention_logits, state_device
 
 # The memory's own per-head parameters: the only ones a model may have that its checkpoint lacks
@@ -67,9 +67,11 @@ class KNNAttention(SegmentAttention):
         self.gate_bias = self._per_head_parameter(gate_init)
         self.mixing = mixing  # "gate" or "softmax" (MemorizingConfig.memory_mixing)
         self.memory_log_scale = self._per_head_parameter(0.5 * math.log(self.head_dim))
-        self.record_retrieval = False
-        self.last_retrieval = None
-        self.retrieval_stats: dict[str, torch.Tensor] = {}
+        # Called with (layer_number, retrieved) after each search (observations.watch_retrievals).
+        self.retrieval_watchers: list[Callable[[int, Retrieved], None]] = []
+        # Sums of the retrieval statistics over the forward passes since `take_statistics`.
+        self._statistics_sum: dict[str, torch.Tensor] = {}
+        self._statistics_count = 0
 
     def _per_head_parameter(self, value: float) -> torch.nn.Parameter:
         param = torch.nn.Parameter(
@@ -106,9 +108,8 @@ class KNNAttention(SegmentAttention):
 
         queries_bhsd = queries.permute(1, 2, 0, 3)
         retrieved = self.memory.search(queries_bhsd.detach(), self.top_k, slots=self.slots)
-        if self.record_retrieval:  # evaluation and retrieval inspection look at what was found
-            self.last_retrieval = retrieved
-        self.retrieval_stats = self._statistics(retrieved)
+        for watch in self.retrieval_watchers:
+            watch(self.layer_number, retrieved)
 
         scale = self.memory_log_scale.float().exp()[None, :, None, None]
         logits = torch.einsum("bhqd,bhqkd->bhqk", queries_bhsd, retrieved.keys) * scale
@@ -126,7 +127,8 @@ class KNNAttention(SegmentAttention):
         else:
             gate = self.gate[None, :, None, None] * has_memory  # [b, h, q, 1]
         # The share of the output the memory gives a query that has one (the gate's mean under "gate").
-        self.retrieval_stats["memory_weight"] = gate.detach().sum() / has_memory.sum().clamp(min=1)
+        memory_weight = gate.detach().sum() / has_memory.sum().clamp(min=1)
+        self._add_statistics({**self._statistics(retrieved), "memory_weight": memory_weight})
         mixed = from_memory * gate + local.view(s, b, h, d).permute(1, 2, 0, 3).float() * (1 - gate)
 
         self.memory.stage(self.slots, *as_memory_layout(keys, value))
@@ -137,10 +139,22 @@ class KNNAttention(SegmentAttention):
         logits = local_attention_logits(query, key, attention_mask, self.local_softmax_scale)
         return torch.logsumexp(logits, dim=-1, keepdim=True)
 
+    def take_statistics(self) -> dict[str, float]:
+        """The retrieval statistics averaged over every micro-batch since the last call (a step's,
+        for the training log), then forgotten."""
+        means = {name: (total / self._statistics_count).item() for name, total in self._statistics_sum.items()}
+        self._statistics_sum, self._statistics_count = {}, 0
+        return means
+
+    def _add_statistics(self, values: dict[str, torch.Tensor]) -> None:
+        # Kept as tensors: no device sync in forward.
+        for name, value in values.items():
+            self._statistics_sum[name] = self._statistics_sum.get(name, 0.0) + value
+        self._statistics_count += 1
+
     @torch.no_grad()
     def _statistics(self, retrieved) -> dict[str, torch.Tensor]:
-        """How often, how well and how far back the best match is, for logging (kept as tensors:
-        no device sync in forward; ModelMemories.stats() reads them)."""
+        """How often, how well and how far back the best match is."""
         best = retrieved.valid[..., 0]
         slots = torch.arange(self.num_slots, device=best.device)[self.slots]
         # The query at index q of this segment sits at position written + q of its slot's document.

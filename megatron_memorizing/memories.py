@@ -92,13 +92,14 @@ class ModelMemories:
         return sum(memory.nbytes for _, memory in self.named_memories())
 
     def stats(self) -> dict[str, float]:
-        """Mean fill, gate and retrieval statistics per memory layer of this rank, for logging."""
+        """Mean fill, gate and retrieval statistics (over the micro-batches since the last call) per
+        memory layer of this rank, for logging."""
         out = {}
         for layer in self.knn_layers:
             n = layer.layer_number
             out[f"memory/layer{n}/fill"] = layer.memory.fill.float().mean().item()
             out[f"memory/layer{n}/gate"] = layer.gate.mean().item()
-            out.update({f"memory/layer{n}/{k}": v.item() for k, v in layer.retrieval_stats.items()})
+            out.update({f"memory/layer{n}/{k}": v for k, v in layer.take_statistics().items()})
         return out
 
     # --- checkpoints ----------------------------------------------------------------------------------

@@ -11,16 +11,10 @@ from test_eval_perplexity import data  # noqa: F401  (the module-scoped dataset 
 
 from megatron_memorizing.eval import lookup_heads
 from megatron_memorizing.eval.loading import LoadedModel, forward_logits
-from megatron_memorizing.eval.lookup_heads import (
-    LookupScores,
-    advice,
-    attention_probabilities,
-    lookup_targets,
-    score_heads,
-    stock_core_attentions,
-)
+from megatron_memorizing.eval.lookup_heads import LookupScores, advice, lookup_targets, score_heads
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
+from megatron_memorizing.observations import stock_core_attentions, watch_local_attention
 from megatron_memorizing.run.config import DataConfig, RunConfig
 from megatron_memorizing.training.checkpoint import Checkpointer
 
@@ -73,7 +67,7 @@ def test_the_probabilities_are_what_every_layer_attends_with(single_rank, varian
                for number, core in stock_core_attentions(model.model_chunks).items()]
     try:
         probabilities = {}
-        with attention_probabilities(model.model_chunks, lambda n, p: probabilities.setdefault(n, []).append(p)):
+        with watch_local_attention(model.model_chunks, lambda n, p: probabilities.setdefault(n, []).append(p)):
             for batch in repeating_batches(3, model):
                 forward_logits(model.model_chunks, model.memories, batch)
                 model.memories.commit()

@@ -12,6 +12,7 @@ from megatron_memorizing.data import Batch
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
+from megatron_memorizing.observations import watch_retrievals
 from megatron_memorizing.positions import RotaryPositions
 from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.step import forward_backward
@@ -157,11 +158,13 @@ def test_softmax_mixing_is_one_softmax_over_retrieved_and_local_keys(single_rank
     s, b, h, d = 8, 2, 2, 16
     layer(*(torch.randn(s, b, h, d, generator=g) for _ in range(3)), None)
     layer.memory.commit()
+    layer.take_statistics()  # the first segment's
     q, k, v = (torch.randn(s, b, h, d, generator=g) for _ in range(3))
-    layer.record_retrieval = True
-    out = layer(q, k, v, None).view(s, b, h, d)
+    retrievals = []
+    with watch_retrievals([layer], lambda number, retrieved: retrievals.append(retrieved)):
+        out = layer(q, k, v, None).view(s, b, h, d)
 
-    found = layer.last_retrieval
+    (found,) = retrievals
     assert found.valid.all()
     memory_logits = torch.einsum(
         "bhqd,bhqkd->bhqk", torch.nn.functional.normalize(q.permute(1, 2, 0, 3), dim=-1), found.keys
@@ -174,7 +177,7 @@ def test_softmax_mixing_is_one_softmax_over_retrieved_and_local_keys(single_rank
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # Logged as the memory's share of the output: here its share of that one softmax.
     memory_share = probs[..., : found.keys.shape[3]].sum(-1).mean()
-    assert layer.retrieval_stats["memory_weight"].item() == pytest.approx(memory_share.item(), abs=1e-5)
+    assert layer.take_statistics()["memory_weight"] == pytest.approx(memory_share.item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("recompute", ["selective", "full"])

@@ -26,6 +26,7 @@ from megatron_memorizing.eval.loading import (
     load_checkpoint_argument,
     token_losses,
 )
+from megatron_memorizing.observations import watch_retrievals
 
 
 @dataclass
@@ -70,8 +71,14 @@ def inspect_document(loaded: LoadedModel, data: str, document: int, top: int = 1
     layer = memories.knn_layers[0]
     stream = DocumentStream(data, 1, loaded.config.model.segment_length, loop=False)
     tokens, with_memory, without_memory, positions, scores = [], [], [], [], []
-    layer.record_retrieval = True
-    try:
+    retrieved = None
+
+    def keep(number, found):  # the first memory layer's retrieval of the segment with memory
+        nonlocal retrieved
+        if number == layer.layer_number:
+            retrieved = found
+
+    with watch_retrievals(loaded.model_chunks, keep):
         for batch in stream:
             current = int(batch.document_ids[0])
             if current < document:
@@ -82,14 +89,12 @@ def inspect_document(loaded: LoadedModel, data: str, document: int, top: int = 1
                 without_memory.append(token_losses(forward_logits(loaded.model_chunks, memories, batch), batch)[0])
             with_memory.append(token_losses(forward_logits(loaded.model_chunks, memories, batch), batch)[0])
             memories.commit()
-            retrieved = layer.last_retrieval  # [1, h, q, k], best first
+            # [1, h, q, k], best first
             positions.append(retrieved.positions[0, :, :, :per_head])
             scores.append(retrieved.scores[0, :, :, :per_head])
             n = int(batch.loss_mask[0].sum())
             tokens += batch.tokens[0, :n].tolist()
             last_label = int(batch.labels[0, n - 1])
-    finally:
-        layer.record_retrieval = False
     if not tokens:
         raise ValueError(f"{data} has no document {document} with at least two tokens")
     tokens.append(last_label)
@@ -200,13 +205,16 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=10, help="tokens to show (default 10)")
     parser.add_argument("--neighbours", type=int, default=2, help="neighbours per head (default 2)")
     parser.add_argument("--context", type=int, default=8, help="tokens of text before each marked token (default 8)")
-    parser.add_argument("--html", type=Path, help="HTML page to write (default: runs/eval/<run>/retrieval-<document>.html)")
+    parser.add_argument("--html", type=Path,
+                        help="HTML page to write (default: runs/eval/<run>/retrieval-<document>.html)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint_argument(args, parser, slots=1)
     data = evaluation_data(loaded, args.data, parser)
     inspection = inspect_document(loaded, data, args.document, args.top, args.neighbours)
-    renderer = Renderer(load_tokenizer(dataset_tokenizer_path(data, read_manifest(data))), inspection.tokens, args.context)
+    renderer = Renderer(
+        load_tokenizer(dataset_tokenizer_path(data, read_manifest(data))), inspection.tokens, args.context
+    )
     title = f"Retrieval in {data}, document {args.document}: {loaded.path}"
     print(render_text(inspection, renderer, title))
     page = args.html or Path("runs/eval") / loaded.path.parent.parent.name / f"retrieval-{args.document}.html"

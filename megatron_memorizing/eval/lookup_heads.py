@@ -20,11 +20,10 @@ Writes a table to the terminal and lookup_heads.json / lookup_heads.png to --out
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -38,7 +37,7 @@ from megatron_memorizing.eval.loading import (
     positive_int,
 )
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
-from megatron_memorizing.segment_attention import SegmentAttention, local_attention_logits
+from megatron_memorizing.observations import watch_local_attention
 
 
 def lookup_targets(tokens: list[int], n: int) -> list[int]:
@@ -71,46 +70,6 @@ class LookupScores:
         return heads
 
 
-def stock_core_attentions(model_chunks: list[torch.nn.Module]) -> dict[int, torch.nn.Module]:
-    """Layer number -> the stock core attention that computes its local attention (inside the
-    plugin's SegmentAttention / KNNAttention where the layer has one)."""
-    found = {}
-    for chunk in model_chunks:
-        for layer in chunk.decoder.layers:
-            core = layer.self_attention.core_attention
-            found[layer.layer_number] = core.local_attention if isinstance(core, SegmentAttention) else core
-    return found
-
-
-def softmax_scale(core_attention: torch.nn.Module) -> float:
-    """The scale stock core attention gives its logits (Megatron-Core's DotProductAttention keeps
-    it as `softmax_scale`; a core attention without one is refused with its name)."""
-    scale = getattr(core_attention, "softmax_scale", None)
-    if scale is None:
-        raise TypeError(f"{type(core_attention).__name__} keeps no softmax_scale: cannot read its attention")
-    return float(scale)
-
-
-@contextlib.contextmanager
-def attention_probabilities(model_chunks: list[torch.nn.Module], consume: Callable[[int, torch.Tensor], None]):
-    """While open, every forward pass calls `consume(layer_number, probabilities)` for each layer,
-    with its local attention probabilities [b, h, s, t] (t = s, or cache + s with an XL cache),
-    micro-batch after micro-batch. Nothing is kept: a large model's attention maps would not fit."""
-    handles = []
-    for number, core in stock_core_attentions(model_chunks).items():
-        def hook(module, args, kwargs, number=number, scale=softmax_scale(core)):
-            query, key = args[0], args[1]
-            mask = args[3] if len(args) > 3 else kwargs.get("attention_mask")
-            consume(number, torch.softmax(local_attention_logits(query, key, mask, scale), dim=-1))
-
-        handles.append(core.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 @torch.no_grad()
 def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> LookupScores:
     """Stream `batches` (segments, one document per slot) through the model as in training, memory
@@ -130,7 +89,7 @@ def score_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4) -> Lo
             total += slot_probs[:, rows, cached + slot_targets[rows]].double().sum(dim=-1).cpu()
 
     queries = 0
-    with attention_probabilities(loaded.model_chunks, accumulate):
+    with watch_local_attention(loaded.model_chunks, accumulate):
         for batch in batches:
             lengths = batch.loss_mask.sum(dim=1).long().tolist()
             targets[:] = [torch.tensor(lookup_targets(row[:length], n), dtype=torch.int64)
