@@ -52,7 +52,8 @@ def _add_source_args(parser):
 
 
 def _add_tokenizer_args(parser):
-    parser.add_argument("--vocab-size", type=int, default=8000, metavar="N", help="SentencePiece vocabulary size (default 8000)")
+    parser.add_argument("--vocab-size", type=int, default=8000, metavar="N",
+                        help="SentencePiece vocabulary size (default 8000)")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
                         help="SentencePiece algorithm (default bpe: seconds; unigram takes ~10x longer)")
 
@@ -106,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         "copies", help="JSONL -> JSONL with every block of lines written twice (a copy warm-up corpus)",
         description="Write each document with every block of 1..MAX_LINES lines repeated right after itself, so "
                     "that half the tokens are predictable only by looking back: a short warm-up on it teaches a "
-                    "small model the in-context lookup a memory layer extends (docs/results.md, 'The recipe that works'). Tokenize the "
-                    "output with `preprocess`.",
+                    "small model the in-context lookup a memory layer extends (docs/results.md, 'The recipe that "
+                    "works'). Tokenize the output with `preprocess`.",
     )
     copies.add_argument("--input", type=Path, required=True, metavar="JSONL", help="documents, e.g. a corpus split")
     copies.add_argument("--output", type=Path, required=True, metavar="JSONL", help="the JSONL file to write")
@@ -155,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_fractions(args):
-    if not (0 <= args.validation_fraction and 0 <= args.test_fraction and args.validation_fraction + args.test_fraction < 1):
+    if not (0 <= args.validation_fraction and 0 <= args.test_fraction
+            and args.validation_fraction + args.test_fraction < 1):
         raise DataError("--validation-fraction and --test-fraction must be >= 0 and sum to less than 1")
 
 

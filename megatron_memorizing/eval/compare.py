@@ -203,7 +203,8 @@ def plot(evaluations: dict[str, dict], twins: dict[str, str], path: Path, title:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("evaluations", nargs="+", type=Path, help="directories written by megatron-memorizing-eval --out")
+    parser.add_argument("evaluations", nargs="+", type=Path,
+                        help="directories written by megatron-memorizing-eval --out")
     parser.add_argument("--baseline", help="the run (directory name) the others are compared with; where several "
                                            "folders are passed, the one in each run's own folder")
     parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run (with --baseline "
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
     parser.add_argument("--title", default="perplexity by position in the document")
     parser.add_argument("--out-steps", type=Path,
                         help="PNG of perplexity over training steps, one line per training run (for evaluations "
-                             "of several checkpoints of the same runs); with --baseline also each run's change against it")
+                             "of several checkpoints of the same runs); with --baseline also each run's change "
+                             "against it")
     args = parser.parse_args(argv)
 
     labels = run_labels(args.evaluations)

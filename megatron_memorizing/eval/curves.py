@@ -59,7 +59,8 @@ def main(argv=None) -> int:
     if args.out:
         figure, axes = new_figure()
         for run, points in curves.items():
-            axes.plot([s for s, _ in points], [v for _, v in points], label=run, marker="o" if len(points) < 30 else None)
+            axes.plot([s for s, _ in points], [v for _, v in points], label=run,
+                      marker="o" if len(points) < 30 else None)
         if args.log_y:
             axes.set_yscale("log")
         axes.set_xlabel("step")

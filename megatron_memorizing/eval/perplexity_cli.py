@@ -174,7 +174,8 @@ def draw_by_position(axes, curves: dict[str, tuple[list[tuple[int, float]], bool
 
 
 def plot(results: dict[str, Perplexity], path: Path, title: str) -> Path:
-    curves = {name: ([(start, ppl) for start, ppl, _ in r.position_table()], name == NO_MEMORY) for name, r in results.items()}
+    curves = {name: ([(start, ppl) for start, ppl, _ in r.position_table()], name == NO_MEMORY)
+              for name, r in results.items()}
     return plot_by_position(curves, path, title)
 
 
@@ -210,14 +211,16 @@ def main(argv=None) -> int:
     out = args.out or Path("runs/eval") / loaded.path.parent.parent.name
     results = evaluate_conditions(loaded, data, sizes, args.max_steps, progress=True,
                                   long_range_context=args.long_range_context, reference=reference,
-                                  on_result=lambda so_far: write_json(out / "perplexity.json", summary(loaded, data, so_far)))
+                                  on_result=lambda so_far: write_json(out / "perplexity.json",
+                                                                      summary(loaded, data, so_far)))
 
     baseline = results.get(NO_MEMORY)
     print(f"{loaded.path} on {data} ({next(iter(results.values())).tokens:,.0f} tokens)")
     print(table(
         ["condition", "loss", "perplexity", "bits per byte", "vs no memory"],
         [[name, f"{r.loss:.4f}", f"{r.perplexity:.3f}", f"{r.bits_per_byte:.4f}",
-          f"{100 * (r.perplexity / baseline.perplexity - 1):+.2f}%" if baseline else ""] for name, r in results.items()],
+          f"{100 * (r.perplexity / baseline.perplexity - 1):+.2f}%" if baseline else ""]
+         for name, r in results.items()],
     ))
     print("\nperplexity by position in the document")
     print(table(["positions", "tokens", *results], position_rows(results)))

@@ -142,7 +142,8 @@ def load_megatron_state(checkpoint: Checkpoint) -> tuple[dict, object]:
     started = not parallel_state.model_parallel_is_initialized()
     if started:
         initialize_distributed()
-    elif parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size() != 1:
+    elif (parallel_state.get_tensor_model_parallel_world_size()
+          * parallel_state.get_pipeline_model_parallel_world_size() != 1):
         raise ExportError("export runs in one process: call it outside of a tensor/pipeline-parallel job.")
     try:
         model = build_model_chunk(single, use_transformer_engine=False)
@@ -364,7 +365,8 @@ def llama_tokenizer(sentencepiece_model: Path):
 
     sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
     special = {kind: sp.id_to_piece(index) for kind, index in
-               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
+               (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
                if index >= 0}
     settings = dict(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False, legacy=False,
                     add_prefix_space=False, **special)
@@ -381,7 +383,9 @@ def _load_hf_weights(model, megatron: dict) -> None:
         raise ExportError(f"the checkpoint does not fit the exported model: {error}") from None
     tied = model.config.tie_word_embeddings and missing == ["lm_head.weight"]
     if unexpected or (missing and not tied):
-        raise ExportError(f"the checkpoint does not fit the exported model: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise ExportError(
+            f"the checkpoint does not fit the exported model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     if tied:
         model.tie_weights()
 
@@ -405,7 +409,9 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.output, args.memory_size, args.tokenizer, args.max_shard_size, args.overwrite)
+        out = export(
+            args.checkpoint, args.output, args.memory_size, args.tokenizer, args.max_shard_size, args.overwrite
+        )
     except ExportError as error:
         print(f"megatron-memorizing-export: error: {error}", file=sys.stderr)
         return 2

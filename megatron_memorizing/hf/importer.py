@@ -197,8 +197,8 @@ def megatron_weights(hf_weights: SafetensorsWeights, config: MemorizingConfig, e
 
     if config.share_embeddings_and_output_weights:  # the output layer is the embedding
         hf_weights = hf_weights.without("lm_head.weight")
-    layout = Layout(config.num_layers, config.num_attention_heads, config.num_query_groups or config.num_attention_heads,
-                    config.head_dim, config.gated_linear_unit)
+    layout = Layout(config.num_layers, config.num_attention_heads,
+                    config.num_query_groups or config.num_attention_heads, config.head_dim, config.gated_linear_unit)
 
     def cast(name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(expected[name].dtype) if name in expected else tensor
@@ -285,10 +285,13 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
         if unfilled:
             raise RuntimeError(f"the import left tensors without weights: {unfilled[:4]}")
         # The config fine-tuning starts from: these weights, and the memory's scalars free to move.
-        optimizer = OptimizerConfig(memory_scalars_lr_mult=IMPORT_MEMORY_SCALARS_LR_MULT if config.memory_layers else 1.0)
+        optimizer = OptimizerConfig(
+            memory_scalars_lr_mult=IMPORT_MEMORY_SCALARS_LR_MULT if config.memory_layers else 1.0
+        )
         run = RunConfig(model=config, optimizer=optimizer,
                         checkpoint=CheckpointConfig(dir=None, init_from=str(output.resolve())))
-        copied = {f"{IMPORTED_TOKENIZER_DIR}/{name}": path for name, path in files.items()} | {IMPORTED_CONFIG_FILE: hf_dir / "config.json"}
+        copied = ({f"{IMPORTED_TOKENIZER_DIR}/{name}": path for name, path in files.items()}
+                  | {IMPORTED_CONFIG_FILE: hf_dir / "config.json"})
         if "tokenizer.model" in files:
             copied["tokenizer.model"] = files["tokenizer.model"]
         return save_weights(output, [model], run, copied, imported_from=str(source.resolve()))
@@ -310,7 +313,8 @@ def main(argv=None) -> int:
     overrides = {}
     for override in args.set:
         if not override.startswith("model."):
-            print(f"error: --set {override}: only model.* fields are set at import (training settings go to the trainer).",
+            print(f"error: --set {override}: only model.* fields are set at import "
+                  "(training settings go to the trainer).",
                   file=sys.stderr)
             return 2
         try:
