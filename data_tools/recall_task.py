@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from megatron_memorizing.cli_arguments import non_negative_int, output_folder, positive_int
 from megatron_memorizing.data.atomic import atomic_path
 from megatron_memorizing.data.recall_task import DEFINE, FORMATS, PASS, QUERY, RecallSpec
 from megatron_memorizing.data.tokenizer import SENTENCEPIECE_FILE, SentencePieceTokenizer
@@ -143,27 +144,27 @@ def build(out: Path, spec: RecallSpec, documents: dict[str, int], seed: int = 0,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.recall_task", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/recall"), help="output directory (default data/recall)")
+    parser.add_argument("--out", type=output_folder, default=Path("data/recall"), help="output directory (default data/recall)")
     defaults = RecallSpec()
-    parser.add_argument("--num-keys", type=int, default=defaults.num_keys)
-    parser.add_argument("--num-values", type=int, default=defaults.num_values)
-    parser.add_argument("--statements", type=int, default=defaults.statements,
+    parser.add_argument("--num-keys", type=positive_int, default=defaults.num_keys)
+    parser.add_argument("--num-values", type=positive_int, default=defaults.num_values)
+    parser.add_argument("--statements", type=positive_int, default=defaults.statements,
                         help=f"statements per document (default {defaults.statements})")
-    parser.add_argument("--max-back", type=int, default=0,
+    parser.add_argument("--max-back", type=non_negative_int, default=0,
                         help="queries reach at most this many statements back (default 0: the whole document)")
-    parser.add_argument("--min-back", type=int, default=0,
+    parser.add_argument("--min-back", type=non_negative_int, default=0,
                         help="queries reach at least this many statements back (default 0): far queries only, "
                              "for evaluating on documents longer than in training")
-    parser.add_argument("--lead-filler", type=int, default=0,
+    parser.add_argument("--lead-filler", type=non_negative_int, default=0,
                         help="open each document with 0..N `pass` statements (default 0), so that definitions fall "
                              "at every offset within a segment")
     parser.add_argument("--format", choices=FORMATS, default=defaults.format,
                         help="how definitions are written: statements `put v05 k317` (default), echo "
                              "`put v05 k317 v05`, facts `k317=v05` (one token)")
-    parser.add_argument("--train-documents", type=int, default=4000)
-    parser.add_argument("--validation-documents", type=int, default=64)
-    parser.add_argument("--test-documents", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-documents", type=positive_int, default=4000)
+    parser.add_argument("--validation-documents", type=positive_int, default=64)
+    parser.add_argument("--test-documents", type=positive_int, default=64)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite existing datasets in OUT")
     args = parser.parse_args(argv)
     try:

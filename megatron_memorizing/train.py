@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from megatron_memorizing.cli_arguments import config_override, existing_file, file_in_the_way
 from megatron_memorizing.config import ConfigError
 from megatron_memorizing.lifetime import die_with_parent, exit_cleanly_on_signals
 from megatron_memorizing.run.config import RunConfig
@@ -20,12 +21,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="megatron-memorizing-train",
         description="Train a Memorizing Transformer on Megatron-Core (DeepSpeed ZeRO or Megatron's optimizer).",
     )
-    parser.add_argument("--config", required=True, help="YAML run config (see configs/ and docs/training.md)")
+    parser.add_argument("--config", required=True, type=existing_file,
+                        help="YAML run config (see configs/ and docs/training.md)")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
+        type=config_override,
         help="override one config field, e.g. --set optimizer.lr=3e-4 --set model.memory_size=65536 (repeatable)",
     )
     parser.add_argument(
@@ -46,9 +49,32 @@ def main(argv=None) -> int:
         return _train(args)
 
 
+def _check_paths(config: RunConfig) -> None:
+    """The paths the config names, before any process group: a folder that is a file, a
+    checkpoint or dataset that is not there is a ConfigError naming the field."""
+    for field, folder in (("checkpoint.dir", config.checkpoint.dir), ("logging.dir", config.logging.dir)):
+        blocking = file_in_the_way(folder) if folder else None
+        if blocking is not None:
+            raise ConfigError(f"{field}={folder}: {blocking} is a file, not a folder: choose another {field}.")
+    init_from = config.checkpoint.init_from
+    if init_from and not os.path.isdir(init_from):
+        raise ConfigError(f"checkpoint.init_from={init_from} is not a folder: pass a checkpoint directory or one "
+                          f"iter_* directory in it.")
+    from megatron_memorizing.data.errors import DataError
+    from megatron_memorizing.data.manifest import check_prefix
+
+    for field, prefix in (("data.train", config.data.train), ("data.validation", config.data.validation)):
+        try:
+            if prefix:
+                check_prefix(prefix)
+        except DataError as error:
+            raise ConfigError(f"{field}={prefix}: {error}") from None
+
+
 def _train(args: argparse.Namespace) -> int:
     try:
         config = RunConfig.load(args.config, args.set)
+        _check_paths(config)
     except ConfigError as error:  # before any process group: a clean message, no traceback
         print(f"megatron-memorizing-train: bad config: {error}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ training curves (from tensorboard logs)."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,7 @@ def test_compare_puts_runs_side_by_side(single_rank, data, tmp_path, capsys):
     assert plot.read_bytes()[:8] == PNG
 
 
-def test_compare_refuses_evaluations_of_different_data(tmp_path):
+def test_compare_refuses_evaluations_of_different_data(tmp_path, capsys):
     for name, data in (("a", "data/x/validation"), ("b", "data/y/validation")):
         (tmp_path / name).mkdir()
         result = {"loss": 1.0, "perplexity": math.e, "tokens": 10, "by_position": []}
@@ -67,8 +68,11 @@ def test_compare_refuses_evaluations_of_different_data(tmp_path):
             {"data": data, "step": 1, "training_memory_size": 0, "results": {"no memory": result}}))
     with pytest.raises(SystemExit):
         compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(SystemExit, match="perplexity.json does not exist"):
-        compare.main([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        compare.main([str(tmp_path / "empty")])
+    assert exit_.value.code == 2 and "empty/perplexity.json does not exist" in capsys.readouterr().err
 
 
 def write_scalars(directory, values: dict[int, float], tag="train/loss"):
@@ -101,10 +105,12 @@ def test_curves_tell_runs_of_the_same_name_apart(tmp_path, capsys):
     assert header == ["step", "lr1/xl", "lr2/xl", "plain"]
 
 
-def test_curves_name_the_scalars_a_run_has(tmp_path):
+def test_curves_name_the_scalars_a_run_has(tmp_path, capsys):
     write_scalars(tmp_path / "a", {1: 1.0})
-    with pytest.raises(SystemExit, match="has no scalar 'validation/perplexity'.*train/loss"):
+    with pytest.raises(SystemExit) as exit_:
         curves.main([str(tmp_path / "a"), "--scalar", "validation/perplexity"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and re.search("--scalar .*has no scalar 'validation/perplexity'.*train/loss", error)
 
 
 def evaluation_json(directory, run, step, perplexity, memory=0):

@@ -25,6 +25,7 @@ import json
 import math
 from pathlib import Path
 
+from megatron_memorizing.cli_arguments import existing_folder, output_file
 from megatron_memorizing.eval.perplexity_cli import (
     NO_MEMORY,
     bucket_end,
@@ -37,11 +38,18 @@ from megatron_memorizing.eval.report import new_figure, run_labels, save_figure,
 Points = dict[str, list[tuple[int, float]]]  # per run, (training step, value) by step
 
 
+def evaluation_folder(text: str) -> Path:
+    """argparse type of a folder megatron-memorizing-eval --out wrote (it holds perplexity.json)."""
+    path = existing_folder(text)
+    if not (path / "perplexity.json").is_file():
+        raise argparse.ArgumentTypeError(
+            f"{path / 'perplexity.json'} does not exist: pass directories written by megatron-memorizing-eval --out"
+        )
+    return path
+
+
 def load_evaluation(directory: Path) -> dict:
-    path = directory / "perplexity.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} does not exist: pass directories written by megatron-memorizing-eval --out")
-    return json.loads(path.read_text())
+    return json.loads((directory / "perplexity.json").read_text())
 
 
 def training_condition(evaluation: dict) -> str:
@@ -203,14 +211,14 @@ def plot(evaluations: dict[str, dict], twins: dict[str, str], path: Path, title:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("evaluations", nargs="+", type=Path,
+    parser.add_argument("evaluations", nargs="+", type=evaluation_folder,
                         help="directories written by megatron-memorizing-eval --out")
     parser.add_argument("--baseline", help="the run (directory name) the others are compared with; where several "
                                            "folders are passed, the one in each run's own folder")
-    parser.add_argument("--out", type=Path, help="PNG of perplexity by position, one line per run (with --baseline "
+    parser.add_argument("--out", type=output_file, help="PNG of perplexity by position, one line per run (with --baseline "
                                                    "also each run's change against it)")
     parser.add_argument("--title", default="perplexity by position in the document")
-    parser.add_argument("--out-steps", type=Path,
+    parser.add_argument("--out-steps", type=output_file,
                         help="PNG of perplexity over training steps, one line per training run (for evaluations "
                              "of several checkpoints of the same runs); with --baseline also each run's change "
                              "against it")

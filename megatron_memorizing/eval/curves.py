@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from megatron_memorizing.cli_arguments import existing_folder, output_file, positive_int
 from megatron_memorizing.eval.report import new_figure, run_labels, save_figure, table
 
 
@@ -25,7 +26,7 @@ def read_scalar(directory: Path, tag: str) -> list[tuple[int, float]]:
     events.Reload()
     if tag not in events.Tags()["scalars"]:
         known = ", ".join(sorted(events.Tags()["scalars"])) or "none: is this a logging.dir?"
-        raise SystemExit(f"{directory} has no scalar '{tag}' (it has: {known})")
+        raise LookupError(f"{directory} has no scalar '{tag}' (it has: {known})")
     return sorted({event.step: event.value for event in events.Scalars(tag)}.items())
 
 
@@ -38,16 +39,19 @@ def smoothed(points: list[tuple[int, float]], window: int) -> list[tuple[int, fl
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="logging directories of the runs")
+    parser.add_argument("runs", nargs="+", type=existing_folder, help="logging directories of the runs")
     parser.add_argument("--scalar", default="train/loss", help="tensorboard tag (e.g. validation/perplexity)")
-    parser.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged values")
-    parser.add_argument("--rows", type=int, default=6, help="common steps to print")
+    parser.add_argument("--smooth", type=positive_int, default=1, help="trailing mean over this many logged values")
+    parser.add_argument("--rows", type=positive_int, default=6, help="common steps to print")
     parser.add_argument("--log-y", action="store_true", help="logarithmic y axis")
-    parser.add_argument("--out", type=Path, help="PNG of the curves")
+    parser.add_argument("--out", type=output_file, help="PNG of the curves")
     args = parser.parse_args(argv)
 
     labels = run_labels(args.runs)
-    curves = {label: smoothed(read_scalar(run, args.scalar), args.smooth) for label, run in zip(labels, args.runs)}
+    try:
+        curves = {label: smoothed(read_scalar(run, args.scalar), args.smooth) for label, run in zip(labels, args.runs)}
+    except LookupError as error:
+        parser.error(f"--scalar {args.scalar}: {error}")
     common = sorted(set.intersection(*({step for step, _ in points} for points in curves.values())))
     if not common:
         parser.error(f"the runs logged '{args.scalar}' at no common step")

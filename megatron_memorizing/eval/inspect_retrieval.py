@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_memorizing.cli_arguments import non_negative_int, output_file, positive_int
 from megatron_memorizing.data import DocumentStream, Tokenizer, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.eval.loading import (
     LoadedModel,
@@ -201,11 +202,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.inspect_retrieval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "dataset prefix")
-    parser.add_argument("--document", type=int, default=0, help="document index in the dataset (default 0)")
-    parser.add_argument("--top", type=int, default=10, help="tokens to show (default 10)")
-    parser.add_argument("--neighbours", type=int, default=2, help="neighbours per head (default 2)")
-    parser.add_argument("--context", type=int, default=8, help="tokens of text before each marked token (default 8)")
-    parser.add_argument("--html", type=Path,
+    parser.add_argument("--document", type=non_negative_int, default=0, help="document index in the dataset (default 0)")
+    parser.add_argument("--top", type=positive_int, default=10, help="tokens to show (default 10)")
+    parser.add_argument("--neighbours", type=positive_int, default=2, help="neighbours per head (default 2)")
+    parser.add_argument("--context", type=non_negative_int, default=8, help="tokens of text before each marked token (default 8)")
+    parser.add_argument("--html", type=output_file,
                         help="HTML page to write (default: runs/eval/<run>/retrieval-<document>.html)")
     args = parser.parse_args(argv)
 

@@ -22,6 +22,7 @@ import torch
 import yaml
 from megatron.core import parallel_state
 
+from megatron_memorizing.cli_arguments import config_override, dataset_prefix
 from megatron_memorizing.config import ONE_PROCESS, ConfigError
 from megatron_memorizing.data import Batch, DataError, check_compatible, trained_tokenizer
 from megatron_memorizing.memories import ModelMemories
@@ -67,19 +68,11 @@ def evaluation_data(loaded: LoadedModel, data: Optional[str], parser: argparse.A
     return prefix
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count (sizes, slots, steps): 0 or less is refused as the argument's error."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: it must be at least 1")
-    return value
-
-
 def add_checkpoint_arguments(parser: argparse.ArgumentParser, data_help: str) -> None:
     """--checkpoint, --data, --set and --allow-other-model, which every evaluation command takes."""
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or one iter_* directory in it")
-    parser.add_argument("--data", help=f"{data_help} (default: the run's validation split)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+    parser.add_argument("--data", type=dataset_prefix, help=f"{data_help} (default: the run's validation split)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", type=config_override,
                         help="override a field of the checkpoint's config (repeatable)")
     parser.add_argument("--allow-other-model", action="store_true",
                         help="let --set drop or move the memory layers the checkpoint trained: their parameters "

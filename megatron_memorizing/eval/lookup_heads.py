@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from megatron_memorizing.cli_arguments import fraction, output_folder, positive_int
 from megatron_memorizing.data import Batch, DocumentStream
 from megatron_memorizing.eval.loading import (
     LoadedModel,
@@ -34,7 +35,6 @@ from megatron_memorizing.eval.loading import (
     evaluation_data,
     forward_logits,
     load_checkpoint_argument,
-    positive_int,
 )
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.observations import watch_local_attention
@@ -145,17 +145,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.lookup_heads", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "dataset prefix to read")
-    parser.add_argument("--segments", type=int, default=48, help="segments per slot to read (default 48)")
-    parser.add_argument("--n", type=int, default=4, help="a query counts when the N tokens ending at it occurred "
+    parser.add_argument("--segments", type=positive_int, default=48, help="segments per slot to read (default 48)")
+    parser.add_argument("--n", type=positive_int, default=4, help="a query counts when the N tokens ending at it occurred "
                                                          "earlier in the segment (default 4)")
-    parser.add_argument("--threshold", type=float, default=0.2,
+    parser.add_argument("--threshold", type=fraction, default=0.2,
                         help="score from which a head is called a lookup head (default 0.2)")
     parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in "
                                                            "training; fewer bound the attention maps held at once)")
-    parser.add_argument("--out", type=Path, help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
+    parser.add_argument("--out", type=output_folder, help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
-    if args.segments < 1 or args.n < 1:
-        parser.error(f"--segments and --n must be at least 1 (got {args.segments} and {args.n})")
 
     loaded = load_checkpoint_argument(args, parser, slots=args.slots)
     data = evaluation_data(loaded, args.data, parser)

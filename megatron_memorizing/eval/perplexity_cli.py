@@ -17,13 +17,13 @@ import math
 from pathlib import Path
 from typing import Callable, Optional
 
+from megatron_memorizing.cli_arguments import output_folder, positive_int
 from megatron_memorizing.data import DocumentStream, dataset_tokenizer_path, load_tokenizer, read_manifest
 from megatron_memorizing.eval.loading import (
     LoadedModel,
     add_checkpoint_arguments,
     evaluation_data,
     load_checkpoint_argument,
-    positive_int,
 )
 from megatron_memorizing.eval.long_range import LongRangeTokens
 from megatron_memorizing.eval.perplexity import POSITION_EDGES, Perplexity, evaluate, perplexity_of
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
                              "(e.g. segment + memory size): the long-context reference the memory approximates. "
                              "Beyond the segment length it was trained at, its positions are new to the model: "
                              "a model trained at that length is the stronger reference")
-    parser.add_argument("--out", type=Path, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
+    parser.add_argument("--out", type=output_folder, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint_argument(args, parser, slots=args.slots)

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron_memorizing.cli_arguments import output_folder, positive_int
 from megatron_memorizing.data import (
     DocumentStream,
     dataset_tokenizer_path,
@@ -35,7 +36,6 @@ from megatron_memorizing.eval.loading import (
     evaluation_data,
     forward_logits,
     load_checkpoint_argument,
-    positive_int,
 )
 from megatron_memorizing.eval.report import new_figure, save_figure, table, write_json
 from megatron_memorizing.memories import ModelMemories
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     add_checkpoint_arguments(parser, "recall-task dataset prefix")
     parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in training)")
     parser.add_argument("--max-steps", type=positive_int, help="stop after this many segments per slot (default: all)")
-    parser.add_argument("--out", type=Path, help="directory for recall.json and recall.png (default: runs/eval/<run>)")
+    parser.add_argument("--out", type=output_folder, help="directory for recall.json and recall.png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint_argument(args, parser, slots=args.slots)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from megatron_memorizing.cli_arguments import existing_file, output_folder, positive_int
 from megatron_memorizing.config import ConfigError, MemorizingConfig
 from megatron_memorizing.data import trained_tokenizer
 from megatron_memorizing.data.manifest import IMPORTED_CONFIG_FILE, IMPORTED_TOKENIZER_DIR, checkpoint_tokenizers
@@ -39,6 +40,7 @@ from megatron_memorizing.hf.llama_family import rope_scaling, standard_class, st
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
 from megatron_memorizing.hf.tokenization_memorizing_gpt import MemorizingGPTTokenizer
 from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_hf
+from megatron_memorizing.owned import discard, is_marked, make_marked_dir, remove_marked
 from megatron_memorizing.run.config import read_sections
 from megatron_memorizing.run.folder import TRACKER, CheckpointError, resolve
 
@@ -79,7 +81,9 @@ def iteration_dir(path: Path) -> Path:
     """The iter_* directory of `path`: one itself, or in a run directory the one training would
     resume from (its tracker file's, else its newest complete iteration)."""
     if not path.is_dir():
-        raise ExportError(f"{path} is not a directory: pass a run directory or one of its iter_* directories.")
+        raise ExportError(
+            f"--checkpoint {path} is not a directory: pass a run directory or one of its iter_* directories."
+        )
     try:
         return resolve(path)
     except CheckpointError as error:
@@ -259,10 +263,10 @@ def export(
         model, save_tokenizer = standard_model(source, class_name)
     model.to(torch.bfloat16 if source.config.bf16 else torch.float32)
 
-    shutil.rmtree(staging, ignore_errors=True)
+    remove_marked(staging, EXPORT_MARKER, missing_ok=True)  # checked above: a killed export's, if there
     try:
         # The marker first: a staging directory left by a killed export is recognisably ours.
-        staging.mkdir(parents=True)
+        make_marked_dir(staging, EXPORT_MARKER)
         (staging / EXPORT_MARKER).write_text(
             json.dumps({"exported_from": str(source.iteration_dir), "architecture": type(model).__name__,
                         "memory_size": getattr(model.config, "memory_size", None)}, indent=2) + "\n"
@@ -270,14 +274,14 @@ def export(
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         save_tokenizer(staging)
         if replacing:
-            shutil.rmtree(replaced, ignore_errors=True)  # checked above: an earlier export's, if there
+            remove_marked(replaced, EXPORT_MARKER, missing_ok=True)  # checked above: an earlier export's, if there
             output.rename(replaced)
             staging.rename(output)
-            shutil.rmtree(replaced)
+            remove_marked(replaced, EXPORT_MARKER)  # its marker last: cut short, still an export's
         else:
             staging.rename(output)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging, EXPORT_MARKER)
         raise
     return output
 
@@ -391,21 +395,39 @@ def _load_hf_weights(model, megatron: dict) -> None:
 
 
 def _check_written_by_export(path: Path, action: str) -> None:
-    if not (path / EXPORT_MARKER).is_file():
+    if not is_marked(path, EXPORT_MARKER):
         raise ExportError(
             f"{path} was not written by megatron-memorizing-export (it has no {EXPORT_MARKER}): refusing to "
             f"{action}. Choose another --output, or move {path} away yourself."
         )
 
 
+SHARD_SIZE_UNITS = ("KB", "MB", "GB", "TB")  # what save_pretrained's max_shard_size takes
+
+
+def shard_size(text: str) -> str:
+    """argparse type of --max-shard-size: a positive number and a unit, as save_pretrained takes it."""
+    number, unit = text.strip()[:-2], text.strip()[-2:].upper()
+    try:
+        valid = unit in SHARD_SIZE_UNITS and 0 < float(number) < float("inf")
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write a number and a unit, e.g. 5GB or 500MB "
+                                         f"(units {', '.join(SHARD_SIZE_UNITS)})")
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run directory (its latest checkpoint, as training resumes it) or an iter_* directory")
-    parser.add_argument("--output", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--memory-size", type=int, help="kNN memory size at inference (default: as trained)")
-    parser.add_argument("--tokenizer", help="SentencePiece model, if the checkpoint has no tokenizer.model")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    parser.add_argument("--output", required=True, type=output_folder, help="Hugging Face directory to create")
+    parser.add_argument("--memory-size", type=positive_int, help="kNN memory size at inference (default: as trained)")
+    parser.add_argument("--tokenizer", type=existing_file,
+                        help="SentencePiece model, if the checkpoint has no tokenizer.model")
+    parser.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                        help="safetensors shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args(argv)
     try:

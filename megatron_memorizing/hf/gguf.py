@@ -14,11 +14,11 @@ import collections
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from megatron_memorizing import owned
 from megatron_memorizing.hf.llama_family import FAMILY
 
 GGUF_MAGIC = b"GGUF"
@@ -71,8 +71,11 @@ def gguf_to_hf(gguf_file: str | Path, output: str | Path) -> Path:
     tokenizer = _tokenizer(transformers.AutoTokenizer.from_pretrained(**where), reader.fields, config.vocab_size)
 
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:  # marked: one left by a killed conversion of the same process id is removed, anything else refused
+        owned.remove_marked(tmp, missing_ok=True)
+    except owned.NotOursError as error:
+        raise GGUFError(str(error)) from None
+    owned.make_marked_dir(tmp)
     try:
         _write_weights(model, tmp)
         tokenizer.save_pretrained(str(tmp))
@@ -81,7 +84,8 @@ def gguf_to_hf(gguf_file: str | Path, output: str | Path) -> Path:
         (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(tmp, output)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        owned.discard(tmp)
+    (output / owned.PARTIAL).unlink()  # complete; a conversion killed just before this leaves a harmless marker
     return output
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_memorizing.cli_arguments import config_override
 from megatron_memorizing.config import ConfigError, MemorizingConfig
 from megatron_memorizing.hf.llama_family import ARCHITECTURE_FIELDS, UnsupportedModel, max_positions, model_fields
 from megatron_memorizing.hf.weights import Layout, WeightsMismatch, to_megatron
@@ -307,9 +308,13 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-model", required=True,
                         help="Hugging Face model directory (config.json, safetensors, tokenizer), or a .gguf file")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
-    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE", type=config_override,
                         help="memory, segment and layout fields, e.g. model.memory_layers=[12] model.memory_size=65536")
     args = parser.parse_args(argv)
+    if not Path(args.hf_model).exists():
+        print(f"error: --hf-model {args.hf_model} does not exist: pass a Hugging Face model directory (config.json, "
+              f"safetensors, tokenizer) or a .gguf file.", file=sys.stderr)
+        return 2
     overrides = {}
     for override in args.set:
         if not override.startswith("model."):

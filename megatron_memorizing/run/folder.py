@@ -11,7 +11,7 @@ The layout follows Megatron-LM's conventions:
 
 Training, evaluation and export all find the checkpoint to load with `resolve`: the tracker's,
 or without a tracker the newest complete iteration. A folder marked PARTIAL is this project's to
-remove (`remove_marked`); nothing else in the folder is ever deleted.
+remove (megatron_memorizing/owned.py `remove_marked`); nothing else in the folder is ever deleted.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Optional
+
+# PARTIAL: written into a folder before a save writes anything else into it, and before a deletion
+# renames it; removed last. A leftover folder holding it is this project's to remove; one without it, the user's.
+from megatron_memorizing.owned import PARTIAL, delete, make_marked_dir, remove_marked
 
 FORMAT = "megatron-memorizing-checkpoint/1"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -29,9 +32,6 @@ TMP = ".tmp"
 _ITERATION = re.compile(r"iter_(\d{7,})")
 # Left behind by a save or a deletion that was cut short: the names a save stages in and a deletion renames to.
 LEFTOVER = re.compile(r"iter_\d{7,}(\.deleted)?\.tmp")
-# Written into a folder before a save writes anything else into it, and before a deletion renames it;
-# removed last. A leftover folder holding it is this project's to remove; one without it, the user's.
-PARTIAL = ".megatron-memorizing-partial"
 
 
 class CheckpointError(RuntimeError):
@@ -145,8 +145,7 @@ def stage(root: Path, tmp: Path) -> Optional[str]:
             f"{tmp} is in the way of this save, and it is not one an interrupted save left (it has no "
             f"{PARTIAL}): move it out of checkpoint.dir {root}."
         )
-    tmp.mkdir()
-    (tmp / PARTIAL).touch()
+    make_marked_dir(tmp)
     return None
 
 
@@ -163,25 +162,3 @@ def publish(tmp: Path, final: Path, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(staged, tracker)
-
-
-def delete(path: Path) -> None:
-    """Delete a checkpoint this project wrote. Marked and renamed first, so that a deletion cut
-    short leaves only a marked `*.tmp` that the next save removes, never a half checkpoint."""
-    (path / PARTIAL).touch()
-    doomed = path.with_name(path.name + ".deleted" + TMP)
-    os.rename(path, doomed)
-    remove_marked(doomed)
-
-
-def remove_marked(path: Path) -> None:
-    """Remove a folder marked PARTIAL, the marker last: cut short, what is left is still marked."""
-    for entry in path.iterdir():
-        if entry.name == PARTIAL:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    (path / PARTIAL).unlink()
-    path.rmdir()

@@ -46,6 +46,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from numpy.core.multiarray import _reconstruct
 
+from megatron_memorizing import owned
 from megatron_memorizing.data import (
     DataError,
     DocumentStream,
@@ -199,7 +200,8 @@ class Checkpointer:
     def _disk_full_named(self, tmp: Path, step: int):
         """A save that runs out of disk space fails deep inside torch's writers ("[enforce fail at
         inline_container.cc]", "iostream error"): name the cause instead, after removing the
-        partial save (only its own `*.tmp` directory)."""
+        partial save (only its own `*.tmp` directory, marked PARTIAL by `folder.stage`; every rank
+        that fails tries, and what one cannot remove stays marked for the next save to remove)."""
         try:
             yield
         except CheckpointError:  # refused before anything was written: no partial save to remove
@@ -207,7 +209,7 @@ class Checkpointer:
         except (OSError, RuntimeError) as error:
             if not (getattr(error, "errno", None) == errno.ENOSPC or shutil.disk_usage(self.root).free < _DISK_FULL):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            owned.discard(tmp)
             free = shutil.disk_usage(self.root).free / 2**20
             raise CheckpointError(
                 f"no space left on the device of checkpoint.dir {self.root} while saving step {step} "
