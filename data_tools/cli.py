@@ -120,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                     "small model the in-context lookup a memory layer extends (docs/results.md, 'The recipe that "
                     "works'). Tokenize the output with `preprocess`.",
     )
-    copies.add_argument("--input", type=existing_file, required=True, metavar="JSONL", help="documents, e.g. a corpus split")
+    copies.add_argument("--input", type=existing_file, required=True, metavar="JSONL",
+                        help="documents, e.g. a corpus split")
     copies.add_argument("--output", type=output_file, required=True, metavar="JSONL", help="the JSONL file to write")
     copies.add_argument("--max-lines", type=positive_int, default=16, metavar="N",
                         help="blocks are 1 to N lines long, drawn per document (default 16: up to ~200 tokens of "
@@ -160,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Check that PREFIX.bin/.idx are whole, match their manifest and "
                                             "tokenizer, and (with --vocab-size) fit a model's vocabulary.")
     check.add_argument("prefix", type=Path, help="dataset path without extension")
-    check.add_argument("--vocab-size", type=positive_int, help="the model's vocabulary size (default: the dataset's own)")
+    check.add_argument("--vocab-size", type=positive_int,
+                       help="the model's vocabulary size (default: the dataset's own)")
     check.add_argument("--tokenizer", type=existing_path, help="the tokenizer the run will use; must be the dataset's")
     return parser
 

@@ -144,7 +144,8 @@ def build(out: Path, spec: RecallSpec, documents: dict[str, int], seed: int = 0,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools.recall_task", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=output_folder, default=Path("data/recall"), help="output directory (default data/recall)")
+    parser.add_argument("--out", type=output_folder, default=Path("data/recall"),
+                        help="output directory (default data/recall)")
     defaults = RecallSpec()
     parser.add_argument("--num-keys", type=positive_int, default=defaults.num_keys)
     parser.add_argument("--num-values", type=positive_int, default=defaults.num_values)

@@ -87,12 +87,18 @@ def file_in_the_way(folder: str | Path) -> Path | None:
     return folder if folder.exists() and not folder.is_dir() else _file_above(folder)
 
 
+def not_a_folder(path: Path, blocking: Path) -> str:
+    """The message for a folder that `blocking` (a file: it, or one above it) stands in the way of."""
+    where = "" if blocking == path else f"{path}: "
+    return f"{where}{blocking} is a file, not a folder"
+
+
 def output_folder(text: str) -> Path:
     """A folder to write into, made if missing: neither a file nor under one."""
     path = Path(text)
     blocking = file_in_the_way(path)
     if blocking is not None:
-        raise argparse.ArgumentTypeError(f"{path}: {blocking} is a file, not a folder: choose another path")
+        raise argparse.ArgumentTypeError(f"{not_a_folder(path, blocking)}: choose another path")
     return path
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from megatron_memorizing.cli_arguments import config_override, existing_file, file_in_the_way
+from megatron_memorizing.cli_arguments import config_override, existing_file, file_in_the_way, not_a_folder
 from megatron_memorizing.config import ConfigError
 from megatron_memorizing.lifetime import die_with_parent, exit_cleanly_on_signals
 from megatron_memorizing.run.config import RunConfig
@@ -55,7 +56,7 @@ def _check_paths(config: RunConfig) -> None:
     for field, folder in (("checkpoint.dir", config.checkpoint.dir), ("logging.dir", config.logging.dir)):
         blocking = file_in_the_way(folder) if folder else None
         if blocking is not None:
-            raise ConfigError(f"{field}={folder}: {blocking} is a file, not a folder: choose another {field}.")
+            raise ConfigError(f"{field}={not_a_folder(Path(folder), blocking)}: choose another {field}.")
     init_from = config.checkpoint.init_from
     if init_from and not os.path.isdir(init_from):
         raise ConfigError(f"checkpoint.init_from={init_from} is not a folder: pass a checkpoint directory or one "

@@ -109,12 +109,14 @@ def test_a_head_attending_evenly_scores_the_mean_inverse_position(single_rank):
     assert ((scores.scores >= 0) & (scores.scores <= 1)).all()
 
 
-def test_advice_names_the_lookup_layer_and_whether_the_memory_is_there():
+def test_advice_names_the_lookup_layers_and_whether_the_memory_is_in_each():
     scores = LookupScores([1, 2, 3, 4], torch.tensor([[0.01] * 4, [0.01] * 4, [0.02] * 4, [0.55, 0.51, 0.01, 0.0]]),
                           queries=965, n=4)
     assert scores.lookup_heads(0.2) == {4: [1, 2]}
     assert 'layer 4 heads 1, 2' in advice(scores, [3], 0.2) and 'model.memory_layers=[4]' in advice(scores, [3], 0.2)
-    assert "the memory is in a lookup layer" in advice(scores, [4], 0.2)
+    assert "the memory is in every lookup layer" in advice(scores, [4], 0.2)
+    two = LookupScores([1, 2], torch.tensor([[0.3, 0.0], [0.0, 0.4]]), queries=965, n=4)
+    assert "in 1 of these 2 layers" in advice(two, [2], 0.2) and "model.memory_layers=[1, 2]" in advice(two, [2], 0.2)
     assert "does not copy" in advice(scores, [3], 0.9)
 
 

@@ -77,7 +77,7 @@ def test_overrides_parse_yaml_values_including_exponent_floats():
         (["optimizer.backend=adamw"], "use 'deepspeed' or 'megatron'"),
         (["training.memory_curriculum=[[0, 8192], [100, 1536]]"], "must both increase"),
         (["training.memory_curriculum=[[0, 16]]"], "below model.knn_top_k=32"),
-        (["optimizer.min_lr=1.0"], "min_lr <= lr"),
+        (["optimizer.min_lr=1.0"], "optimizer.min_lr=1.0 must be between 0 and optimizer.lr"),
         (["optimizer.memory_scalars_lr_mult=0"], r"memory_scalars_lr_mult=0.0 must be > 0"),
         # a stage without memory would wait for ever on the others' extra parameter group
         (["optimizer.memory_scalars_lr_mult=10", "model.pipeline_model_parallel_size=2", "model.memory_layers=[4]"],

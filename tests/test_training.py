@@ -216,7 +216,8 @@ def test_a_second_run_into_the_same_folder_or_an_unwritable_one_stops_before_ste
     blocked.write_text("not a folder")
     unwritable = launch([*args, *overrides(data, tmp_path, f"checkpoint.dir={blocked / 'checkpoints'}")])
     assert unwritable.returncode == 2
-    assert f"checkpoint.dir {blocked / 'checkpoints'} is not writable" in unwritable.stderr.splitlines()[-1]
+    refusal = unwritable.stderr.splitlines()[-1]
+    assert f"checkpoint.dir={blocked / 'checkpoints'}" in refusal and f"{blocked} is a file, not a folder" in refusal
     assert "Traceback" not in second.stderr + unwritable.stderr
 
 

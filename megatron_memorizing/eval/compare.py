@@ -210,13 +210,14 @@ def plot(evaluations: dict[str, dict], twins: dict[str, str], path: Path, title:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("evaluations", nargs="+", type=evaluation_folder,
                         help="directories written by megatron-memorizing-eval --out")
     parser.add_argument("--baseline", help="the run (directory name) the others are compared with; where several "
                                            "folders are passed, the one in each run's own folder")
-    parser.add_argument("--out", type=output_file, help="PNG of perplexity by position, one line per run (with --baseline "
-                                                   "also each run's change against it)")
+    parser.add_argument("--out", type=output_file, help="PNG of perplexity by position, one line per run (with "
+                                                        "--baseline also each run's change against it)")
     parser.add_argument("--title", default="perplexity by position in the document")
     parser.add_argument("--out-steps", type=output_file,
                         help="PNG of perplexity over training steps, one line per training run (for evaluations "

@@ -38,7 +38,8 @@ def smoothed(points: list[tuple[int, float]], window: int) -> list[tuple[int, fl
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.curves", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=existing_folder, help="logging directories of the runs")
     parser.add_argument("--scalar", default="train/loss", help="tensorboard tag (e.g. validation/perplexity)")
     parser.add_argument("--smooth", type=positive_int, default=1, help="trailing mean over this many logged values")

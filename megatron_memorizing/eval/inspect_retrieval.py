@@ -202,10 +202,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_memorizing.eval.inspect_retrieval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "dataset prefix")
-    parser.add_argument("--document", type=non_negative_int, default=0, help="document index in the dataset (default 0)")
+    parser.add_argument("--document", type=non_negative_int, default=0,
+                        help="document index in the dataset (default 0)")
     parser.add_argument("--top", type=positive_int, default=10, help="tokens to show (default 10)")
     parser.add_argument("--neighbours", type=positive_int, default=2, help="neighbours per head (default 2)")
-    parser.add_argument("--context", type=non_negative_int, default=8, help="tokens of text before each marked token (default 8)")
+    parser.add_argument("--context", type=non_negative_int, default=8,
+                        help="tokens of text before each marked token (default 8)")
     parser.add_argument("--html", type=output_file,
                         help="HTML page to write (default: runs/eval/<run>/retrieval-<document>.html)")
     args = parser.parse_args(argv)

@@ -136,8 +136,14 @@ def advice(scores: LookupScores, memory_layers: list[int], threshold: float) -> 
                 "\"The recipe that works\")")
     where = "; ".join(f"layer {layer} heads {', '.join(map(str, found))}" for layer, found in heads.items())
     layers = sorted(heads)
-    verdict = ("the memory is in a lookup layer" if set(memory_layers) & set(layers)
-               else f"no memory layer is among them: put the memory there (--set \"model.memory_layers={layers}\")")
+    if not set(memory_layers) & set(layers):
+        verdict = f"no memory layer is among them: put the memory there (--set \"model.memory_layers={layers}\")"
+    elif set(layers) - set(memory_layers):
+        every = sorted(set(memory_layers) | set(layers))
+        verdict = (f"the memory is in {len(set(memory_layers) & set(layers))} of these {len(layers)} layers; memory in "
+                   f"every lookup layer paid most (docs/results.md): --set \"model.memory_layers={every}\"")
+    else:
+        verdict = "the memory is in every lookup layer"
     return f"lookup heads (score >= {threshold}): {where}; {verdict}"
 
 
@@ -146,13 +152,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser, "dataset prefix to read")
     parser.add_argument("--segments", type=positive_int, default=48, help="segments per slot to read (default 48)")
-    parser.add_argument("--n", type=positive_int, default=4, help="a query counts when the N tokens ending at it occurred "
-                                                         "earlier in the segment (default 4)")
+    parser.add_argument("--n", type=positive_int, default=4,
+                        help="a query counts when the N tokens ending at it occurred earlier in the segment "
+                             "(default 4)")
     parser.add_argument("--threshold", type=fraction, default=0.2,
                         help="score from which a head is called a lookup head (default 0.2)")
     parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in "
                                                            "training; fewer bound the attention maps held at once)")
-    parser.add_argument("--out", type=output_folder, help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
+    parser.add_argument("--out", type=output_folder,
+                        help="directory for lookup_heads.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint_argument(args, parser, slots=args.slots)

@@ -196,7 +196,8 @@ def main(argv=None) -> int:
                              "(e.g. segment + memory size): the long-context reference the memory approximates. "
                              "Beyond the segment length it was trained at, its positions are new to the model: "
                              "a model trained at that length is the stronger reference")
-    parser.add_argument("--out", type=output_folder, help="directory for perplexity.json and .png (default: runs/eval/<run>)")
+    parser.add_argument("--out", type=output_folder,
+                        help="directory for perplexity.json and .png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint_argument(args, parser, slots=args.slots)

@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     add_checkpoint_arguments(parser, "recall-task dataset prefix")
     parser.add_argument("--slots", type=positive_int, help="documents streamed side by side (default: as in training)")
     parser.add_argument("--max-steps", type=positive_int, help="stop after this many segments per slot (default: all)")
-    parser.add_argument("--out", type=output_folder, help="directory for recall.json and recall.png (default: runs/eval/<run>)")
+    parser.add_argument("--out", type=output_folder,
+                        help="directory for recall.json and recall.png (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
     loaded = load_checkpoint_argument(args, parser, slots=args.slots)

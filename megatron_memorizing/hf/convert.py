@@ -419,7 +419,7 @@ def shard_size(text: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-memorizing-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run directory (its latest checkpoint, as training resumes it) or an iter_* directory")
     parser.add_argument("--output", required=True, type=output_folder, help="Hugging Face directory to create")

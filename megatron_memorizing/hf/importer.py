@@ -304,17 +304,13 @@ def _import_directory(hf_dir: Path, output: Path, overrides: dict, source: Path)
 def main(argv=None) -> int:
     from megatron_memorizing.run.config import apply_override
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="megatron-memorizing-import", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-model", required=True,
                         help="Hugging Face model directory (config.json, safetensors, tokenizer), or a .gguf file")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE", type=config_override,
                         help="memory, segment and layout fields, e.g. model.memory_layers=[12] model.memory_size=65536")
     args = parser.parse_args(argv)
-    if not Path(args.hf_model).exists():
-        print(f"error: --hf-model {args.hf_model} does not exist: pass a Hugging Face model directory (config.json, "
-              f"safetensors, tokenizer) or a .gguf file.", file=sys.stderr)
-        return 2
     overrides = {}
     for override in args.set:
         if not override.startswith("model."):
@@ -327,6 +323,10 @@ def main(argv=None) -> int:
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if not Path(args.hf_model).exists():
+        print(f"error: --hf-model {args.hf_model} does not exist: pass a Hugging Face model directory (config.json, "
+              f"safetensors, tokenizer) or a .gguf file.", file=sys.stderr)
+        return 2
     try:
         iteration = import_model(args.hf_model, args.output, overrides.get("model", {}))
     except HFImportError as error:

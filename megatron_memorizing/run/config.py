@@ -130,8 +130,12 @@ class RunConfig:
             self._validate_deepspeed()
         if training.steps < 1:
             raise ConfigError(f"training.steps={training.steps} must be at least 1.")
-        if opt.warmup_steps < 0 or opt.lr <= 0 or opt.min_lr < 0 or opt.min_lr > opt.lr:
-            raise ConfigError("optimizer: need warmup_steps >= 0 and 0 <= min_lr <= lr, lr > 0.")
+        if opt.lr <= 0:
+            raise ConfigError(f"optimizer.lr={opt.lr} must be above 0.")
+        if not 0 <= opt.min_lr <= opt.lr:
+            raise ConfigError(f"optimizer.min_lr={opt.min_lr} must be between 0 and optimizer.lr={opt.lr}.")
+        if opt.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps={opt.warmup_steps} must be at least 0.")
         if opt.memory_scalars_lr_mult <= 0:
             raise ConfigError(
                 f"optimizer.memory_scalars_lr_mult={opt.memory_scalars_lr_mult} must be > 0 (1: no change)."
