@@ -4,22 +4,23 @@
 #                      with one document per directory in its tokenizer (data/stdlib-dirs-smollm2),
 #                      and the held-out documents of over 32K characters (~8K tokens and more) as
 #                      validation-long; the import without memory (imported-nomemory)
-#   memory SEED        fine-tune an import with memory (4,096 pairs) in layer 18, where its lookup
-#                      heads are: layers 18-30 only, bf16, 8 documents x 512 tokens. LAYERS (default
-#                      18; "18 19 21" for every layer with lookup heads), GATE_INIT (default -3, the
+#   memory SEED        fine-tune an import with memory (4,096 pairs) in layers 18, 19 and 21, where
+#                      its lookup heads are: layers 18-30 only, bf16, 8 documents x 512 tokens. LAYERS
+#                      (default "18 19 21"; 18 for the first of them only), GATE_INIT (default -3, the
 #                      import's: the gate starts at 0.05) and SCALARS_LR_MULT (default 1000: gate and
 #                      temperature learn at 1000x the learning rate) name the run:
-#                      finetune-memory18-gate-3-lrx1000-125-seed1 (its import: imported-memory18-gate-3)
+#                      finetune-memory18-19-21-gate-3-lrx1000-125-seed1 (its import:
+#                      imported-memory18-19-21-gate-3)
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
-#   eval RUN           evaluate a run, or an import before training (imported-memory18-gate-3), on the
+#   eval RUN           evaluate a run, or an import before training (imported-memory18-19-21-gate-3), on the
 #                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
 #                      or MEMORY_SIZES; memory disabled); REFERENCE=8192 adds the model's own window of that many
 #                      tokens (its local attention is unfused: hours on a 2-core CPU)
 #
 #   benchmarks/pretrained_memory.sh prepare
 #   benchmarks/pretrained_memory.sh memory 1 & benchmarks/pretrained_memory.sh nomemory 1
-#   benchmarks/pretrained_memory.sh eval imported-memory18-gate-3
-#   benchmarks/pretrained_memory.sh eval finetune-memory18-gate-3-lrx1000-125-seed1
+#   benchmarks/pretrained_memory.sh eval imported-memory18-19-21-gate-3
+#   benchmarks/pretrained_memory.sh eval finetune-memory18-19-21-gate-3-lrx1000-125-seed1
 #
 # STEPS (default 125: 0.5 M tokens) sets the length. Runs go to runs/smollm2/, evaluations to
 # runs/eval/smollm2/; a run resumes where it stopped. One thread per process.
@@ -65,7 +66,7 @@ steps=${STEPS:-125}
 gate_init=${GATE_INIT:--3} scalars_lr_mult=${SCALARS_LR_MULT:-1000}
 imported=$root/imported-nomemory variant=nomemory
 if [[ $stage == memory ]]; then
-    layers=${LAYERS:-18}
+    layers=${LAYERS:-18 19 21}
     imported=$root/imported-memory${layers// /-}-gate$gate_init
     variant=memory${layers// /-}-gate$gate_init-lrx$scalars_lr_mult
     [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
