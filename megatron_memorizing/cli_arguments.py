@@ -102,27 +102,25 @@ def output_folder(text: str) -> Path:
     return path
 
 
-def output_file(text: str) -> Path:
-    """A file to write: not a folder, nor under a file."""
+def _new_file(text: str, when_a_folder: str) -> Path:
+    """A path to write a file at: not a folder (`when_a_folder` says what to name instead), nor under a file."""
     path = Path(text)
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file: name the file to write")
+        raise argparse.ArgumentTypeError(f"{path} is a folder{when_a_folder}")
     blocking = _file_above(path)
     if blocking is not None:
         raise argparse.ArgumentTypeError(f"{path}: {blocking} is a file, not a folder: choose another path")
     return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write."""
+    return _new_file(text, ", not a file: name the file to write")
 
 
 def output_prefix(text: str) -> Path:
-    """A dataset prefix to write (PREFIX.bin, .idx, .json): not a folder, nor under a file."""
-    path = Path(text)
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a folder: a dataset prefix names files without their "
-                                         f"extension, e.g. {path / 'train'}")
-    blocking = _file_above(path)
-    if blocking is not None:
-        raise argparse.ArgumentTypeError(f"{path}: {blocking} is a file, not a folder: choose another path")
-    return path
+    """A dataset prefix to write (PREFIX.bin, .idx, .json)."""
+    return _new_file(text, f": a dataset prefix names files without their extension, e.g. {Path(text) / 'train'}")
 
 
 def dataset_prefix(text: str) -> str:
