@@ -22,8 +22,9 @@
 #   benchmarks/pretrained_memory.sh eval imported-memory18-19-21-gate-3
 #   benchmarks/pretrained_memory.sh eval finetune-memory18-19-21-gate-3-lrx1000-125-seed1
 #
-# STEPS (default 125: 0.5 M tokens) sets the length. Runs go to runs/smollm2/, evaluations to
-# runs/eval/smollm2/; a run resumes where it stopped. One thread per process.
+# STEPS (default 125: 0.5 M tokens) sets the length. BF16=false trains and evaluates in fp32, its
+# runs named ...-fp32: on a CPU without bf16 matrix units (AMX, AVX512-BF16) bf16 is the slower. Runs go to runs/smollm2/, evaluations to runs/eval/smollm2/; a run resumes
+# where it stopped. One thread per process.
 set -euo pipefail
 bin=${VENV:-.venv}/bin
 model=models/smollm2-135m-instruct
@@ -31,6 +32,8 @@ data=data/stdlib-dirs-smollm2
 root=runs/smollm2
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_DISABLE_PROGRESS_BARS=1
 stage=$1
+bf16=${BF16:-true} precision=
+[[ $bf16 == true ]] || precision=-fp32
 
 case $stage in
     prepare)
@@ -56,7 +59,7 @@ for line in open(sys.argv[1]):
         # Six documents side by side, read one at a time (a long window's attention scores are
         # slots x heads x window x window floats).
         exec "$bin/megatron-memorizing-eval" --checkpoint $checkpoint --data $data/validation-long \
-            --set model.bf16=true --set model.micro_batch_size=1 --set model.num_micro_batches=6 --max-steps 48 \
+            --set model.bf16=$bf16 --set model.micro_batch_size=1 --set model.num_micro_batches=6 --max-steps 48 \
             --memory-sizes ${MEMORY_SIZES:-4096 16384 65536} "${reference[@]}" --out runs/eval/smollm2/$run ;;
     memory|nomemory) seed=${2:?give the data seed} ;;
     *) echo "unknown stage '$stage' (see the header of $0)" >&2; exit 2 ;;
@@ -73,10 +76,10 @@ if [[ $stage == memory ]]; then
         --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[${layers// /,}]" \
         --set model.memory_size=4096 --set model.gate_init="$gate_init"
 fi
-run=$root/finetune-$variant-$steps-seed$seed
+run=$root/finetune-$variant-$steps-seed$seed$precision
 "$bin/megatron-memorizing-train" --config $imported/iter_0000000/config.yaml \
     --set data.train=$data/train --set data.validation=null --set data.seed="$seed" \
-    --set model.bf16=true --set training.train_from_layer=18 \
+    --set model.bf16=$bf16 --set training.train_from_layer=18 \
     --set training.steps="$steps" --set optimizer.lr=1e-4 --set optimizer.min_lr=1e-5 \
     --set optimizer.warmup_steps=10 --set optimizer.memory_scalars_lr_mult="$scalars_lr_mult" \
     --set checkpoint.interval=25 --set checkpoint.keep_last=6 \
