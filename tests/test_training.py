@@ -93,8 +93,9 @@ def step_losses(output: str) -> dict[int, str]:
 def test_a_diverged_run_names_a_checkpoint_a_sane_resume_recovers_from(data, tmp_path):
     """Three sane steps, then a learning rate a billion times too high: the next loss is finite but
     enormous (1e10 and more). The run stops there, before the update, and names the checkpoint of
-    step 3: the one written after step 4 holds the thrown weights and is never published. Resumed
-    from it at the sane rate, the run trains on exactly as a run that never diverged."""
+    step 3: the one written after step 4 holds the thrown weights and is never published, nor is
+    it when step 4 is the run's last (its validation loss judges it). Resumed from step 3 at the
+    sane rate, the run trains on exactly as a run that never diverged."""
     train = [sys.executable, "-m", "megatron_memorizing.train", "--config", "configs/tiny-cpu.yaml"]
     schedule = ["optimizer.warmup_steps=0", "optimizer.decay_steps=6", "checkpoint.interval=1"]
     sane = [*schedule, "optimizer.lr=1e-3", "optimizer.min_lr=1e-4"]
@@ -102,8 +103,16 @@ def test_a_diverged_run_names_a_checkpoint_a_sane_resume_recovers_from(data, tmp
     first = launch([*train, *overrides(data, run, "training.steps=3", *sane)])
     assert first.returncode == 0, first.stderr[-3000:]
 
-    exploding = [*schedule, "training.steps=6", "optimizer.lr=1e6", "optimizer.clip_grad=0"]
-    diverged = launch([*train, *overrides(data, run, *exploding)])
+    # Diverging in the last update: no step judges those weights, the validation at the end does.
+    exploding = [*schedule, "optimizer.lr=1e6", "optimizer.clip_grad=0"]
+    last = launch([*train, *overrides(data, run, "training.steps=4", *exploding)])
+    assert last.returncode == 1, last.stderr[-3000:]
+    message = last.stderr.strip().splitlines()[-1]
+    assert "the final weights (step 4) diverged: on the validation data the loss is" in message, message
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'iter_0000003'}." in message
+    assert (run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+    diverged = launch([*train, *overrides(data, run, "training.steps=6", *exploding)])
     assert diverged.returncode == 1, diverged.stderr[-3000:]
     message = diverged.stderr.strip().splitlines()[-1]
     assert "step 5: the loss is" in message, message

@@ -220,15 +220,16 @@ class Trainer:
                     break
                 if training.eval_interval and state.step % training.eval_interval == 0 and state.step < training.steps:
                     self._report(self.validate(), "validation", state.step)
-            if self.checkpointer:  # the last one: its weights were checked finite when written
-                self.checkpointer.publish()
             if state.step < training.steps:
+                if self.checkpointer:  # its weights were checked finite when written
+                    self.checkpointer.publish()
                 self.logger.message(
                     f"stopped at step {state.step} of {training.steps} after training.exit_duration_minutes="
                     f"{training.exit_duration_minutes:g}: the same command continues from step {state.step}"
                 )
                 return TrainingResult(state.step, loss, None, None, str(self.logger.directory))
             with_memory = self.validate(with_memory=True)
+            self._publish_final(with_memory)
             # Decided from the config, not this rank's layers: every rank must take part in evaluation.
             without_memory = self.validate(with_memory=False) if self.config.model.memory_layers else None
             self._report(with_memory, "validation", state.step)
@@ -236,6 +237,21 @@ class Trainer:
             return TrainingResult(state.step, loss, with_memory, without_memory, str(self.logger.directory))
         finally:
             self.logger.close()
+
+    def _publish_final(self, validation: Optional[Perplexity]) -> None:
+        """Publish the run's last checkpoint, whose weights no training step has judged: they were
+        checked finite when written, and with validation data their validation loss must be sane too."""
+        if not self.checkpointer:
+            return
+        diverged = validation is not None and self.divergence.problem(validation.loss)
+        if diverged:
+            self.checkpointer.discard()
+            raise DivergedError(
+                f"the final weights (step {self.state.step}) diverged: on the validation data {diverged}. The last "
+                f"good checkpoint is {self.checkpointer.latest() or 'none (no checkpoint was written yet)'}. Lower "
+                f"optimizer.lr, raise optimizer.warmup_steps, or check the data."
+            )
+        self.checkpointer.publish()
 
     def _out_of_time(self, started: float) -> bool:
         """Whether training.exit_duration_minutes have passed, on any rank: all stop at the same step."""
