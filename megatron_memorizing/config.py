@@ -9,6 +9,7 @@ checkpoint and its export can never disagree about, say, which layer has memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,6 +137,22 @@ class TransformerArchitecture:
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
     rotary_seq_len_interpolation_factor: Optional[float] = None
+    # YaRN ("yarn" in Hugging Face; Peng et al. 2023), on when yarn_rotary_scaling_factor is set. The
+    # fields (Megatron-LM's names) mean what transformers' rope parameters of the same meaning do:
+    # factor, original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim,
+    # attention_factor, truncate. Frequencies turning fewer than beta_slow times over the original
+    # context are slowed down by the factor, those turning more than beta_fast times are kept, and
+    # those in between blended; queries and keys are scaled by the attention factor (given, or derived
+    # from the factor, and from mscale/mscale_all_dim when both are set), i.e. the attention logits by
+    # its square, which the model folds into attention's softmax scale.
+    yarn_rotary_scaling_factor: Optional[float] = None
+    yarn_original_max_position_embeddings: Optional[int] = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_attention_factor: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True  # transformers' `truncate`
     normalization: str = "LayerNorm"  # or "RMSNorm"
     layernorm_epsilon: float = 1e-5
     activation: str = "gelu"  # "gelu", "silu" or "relu"
@@ -165,6 +182,48 @@ class TransformerArchitecture:
             seq_len_interpolation_factor=self.rotary_seq_len_interpolation_factor,
         )
 
+    @property
+    def yarn(self) -> Optional[dict]:
+        """YaRN's frequency settings, as `positions.yarn_inverse_frequencies` takes them; None without YaRN."""
+        if self.yarn_rotary_scaling_factor is None:
+            return None
+        return dict(
+            dim=int(self.head_dim * self.rotary_percent) if self.rotary_percent < 1.0 else self.head_dim,
+            base=float(self.rotary_base),
+            factor=self.yarn_rotary_scaling_factor,
+            original_max_position_embeddings=self.yarn_original_max_position_embeddings,
+            beta_fast=self.yarn_beta_fast,
+            beta_slow=self.yarn_beta_slow,
+            round_to_int=self.yarn_correction_range_round_to_int,
+        )
+
+    @property
+    def yarn_attention_scale(self) -> float:
+        """What YaRN multiplies rotated queries and keys by (1 without YaRN), as transformers derives it:
+        the given attention factor; else, with m(w) = 0.1 w ln(factor) + 1 (1 for a factor up to 1),
+        m(mscale) / m(mscale_all_dim) when both are set (non-zero), and m(1) otherwise."""
+        factor = self.yarn_rotary_scaling_factor
+        if factor is None:
+            return 1.0
+        if self.yarn_attention_factor is not None:
+            return self.yarn_attention_factor
+
+        def magnitude(weight):
+            return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+        if self.yarn_mscale and self.yarn_mscale_all_dim:
+            return float(magnitude(self.yarn_mscale) / magnitude(self.yarn_mscale_all_dim))
+        return magnitude(1)
+
+    @property
+    def attention_softmax_scale(self) -> Optional[float]:
+        """The scale of attention logits where it is not Megatron's default 1/sqrt(head_dim) (None):
+        with YaRN, the square of its attention factor over sqrt(head_dim). (Hugging Face scales the
+        rotated queries and keys by the factor; their dot product carries it squared.)"""
+        if self.yarn_rotary_scaling_factor is None:
+            return None
+        return self.yarn_attention_scale**2 / math.sqrt(self.head_dim)
+
     def validate_architecture(self) -> None:
         if self.hidden_size % self.num_attention_heads and self.kv_channels is None:
             raise ConfigError(
@@ -192,6 +251,40 @@ class TransformerArchitecture:
             raise ConfigError(
                 "rope_scaling and rotary_seq_len_interpolation_factor are two ways of scaling RoPE: set one of them."
             )
+        self.validate_yarn()
+
+    def validate_yarn(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(TransformerArchitecture)
+                    if f.name.startswith("yarn_")}
+        if self.yarn_rotary_scaling_factor is None:
+            changed = sorted(name for name, default in defaults.items() if getattr(self, name) != default)
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)} set without yarn_rotary_scaling_factor: YaRN is on when its factor is "
+                    f"set; set it, or leave these out."
+                )
+            return
+        if self.rope_scaling or self.rotary_seq_len_interpolation_factor is not None:
+            raise ConfigError(
+                "yarn_rotary_scaling_factor, rope_scaling and rotary_seq_len_interpolation_factor are ways of "
+                "scaling RoPE: set one of them."
+            )
+        if self.position_embedding_type != "rope":
+            raise ConfigError(
+                f"yarn_rotary_scaling_factor scales RoPE, but position_embedding_type="
+                f"{self.position_embedding_type!r}: use 'rope' or leave YaRN out."
+            )
+        original = self.yarn_original_max_position_embeddings
+        if original is None or original < 1:
+            raise ConfigError(
+                f"yarn_original_max_position_embeddings={original}: YaRN needs the context the model was "
+                f"pretrained for (a positive number of positions)."
+            )
+        positive = {name: getattr(self, name) for name in
+                    ("yarn_rotary_scaling_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_attention_factor")}
+        bad = {name: value for name, value in positive.items() if value is not None and value <= 0}
+        if bad:
+            raise ConfigError(f"{', '.join(f'{k}={v:g}' for k, v in bad.items())}: must be positive.")
 
 
 @dataclass
@@ -370,6 +463,11 @@ class MemorizingConfig(ExecutionLayout, MemorySettings, TransformerArchitecture)
         first_class = sorted(set(self.transformer_overrides) & {f.name for f in dataclasses.fields(self)})
         if first_class:
             fail(f"transformer_overrides sets {first_class}, which are model fields: set them as model.<field>.")
+        if self.attention_softmax_scale is not None and "softmax_scale" in self.transformer_overrides:
+            fail(
+                "transformer_overrides sets softmax_scale, which YaRN sets (its attention factor squared over "
+                "sqrt(head_dim)): leave it out, or set model.yarn_attention_factor."
+            )
 
     # ---------------------------------------------------------------------------------------------
     def transformer_config(self) -> "TransformerConfig":
@@ -426,6 +524,8 @@ class MemorizingConfig(ExecutionLayout, MemorySettings, TransformerArchitecture)
             persist_layer_norm=False,
             **recompute,
         )
+        if self.attention_softmax_scale is not None:
+            kwargs["softmax_scale"] = self.attention_softmax_scale
         kwargs.update(self.transformer_overrides)
         return TransformerConfig(**kwargs)
 

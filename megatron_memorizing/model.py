@@ -1,8 +1,9 @@
 """Building a memorizing GPTModel from a MemorizingConfig.
 
-The model is Megatron-Core's own GPTModel; only the layer specs differ (see spec.py). Under
-virtual pipeline parallelism a rank holds several model chunks, as in Megatron-LM; their layers
-share one SlotSelection, which `ModelMemories` drives.
+The model is Megatron-Core's own GPTModel; only the layer specs differ (see spec.py), and, with
+YaRN, its rotary embedding's frequencies (positions.py). Under virtual pipeline parallelism a rank
+holds several model chunks, as in Megatron-LM; their layers share one SlotSelection, which
+`ModelMemories` drives.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_memorizing.config import MemorizingConfig
+from megatron_memorizing.positions import use_yarn_frequencies
 from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.spec import memorizing_block_spec
 
@@ -24,7 +26,7 @@ def build_model_chunk(
     slot_selection = slot_selection or SlotSelection(config.memory_slots)
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=memorizing_block_spec(
             config, transformer_config, slot_selection, vp_stage, use_transformer_engine
@@ -38,6 +40,9 @@ def build_model_chunk(
         **config.rotary,
         vp_stage=vp_stage,
     )
+    if config.yarn is not None:  # YaRN is only ever RoPE's (MemorizingConfig.validate_yarn)
+        use_yarn_frequencies(model.rotary_pos_emb, config.yarn)
+    return model
 
 
 def build_model(config: MemorizingConfig, use_transformer_engine=None) -> list[GPTModel]:

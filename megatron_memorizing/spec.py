@@ -43,7 +43,7 @@ def memorizing_layer_spec(
         return layer_spec
     spec = copy.deepcopy(layer_spec)
     attention = spec.submodules.self_attention.submodules
-    rotary = config.rotary if config.position_embedding_type == "rope" else None
+    rotary = {**config.rotary, "yarn": config.yarn} if config.position_embedding_type == "rope" else None
     if config.xl_cache:  # self-attention itself keeps and re-projects the previous segment
         self_attention = spec.submodules.self_attention
         self_attention.module = XLSelfAttention

@@ -1,8 +1,12 @@
 """Bad configurations fail at construction, before any process group exists, naming the fix."""
 
+import math
+
 import pytest
 
 from megatron_memorizing.config import ConfigError, MemorizingConfig
+
+YARN = dict(yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=64)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +31,14 @@ from megatron_memorizing.config import ConfigError, MemorizingConfig
         (dict(num_query_groups=3), "num_query_groups=3 must divide"),
         (dict(rope_scaling=True, rotary_seq_len_interpolation_factor=2.0), "two ways of scaling RoPE"),
         (dict(rotary_seq_len_interpolation_factor=0.0), "must be positive"),
+        (dict(yarn_rotary_scaling_factor=4.0), "yarn_original_max_position_embeddings=None: YaRN needs"),
+        (dict(**YARN, rope_scaling=True), "are ways of scaling RoPE: set one of them"),
+        (dict(**YARN, rotary_seq_len_interpolation_factor=2.0), "are ways of scaling RoPE: set one of them"),
+        (dict(yarn_beta_fast=16.0, yarn_mscale=1.0), "yarn_beta_fast, yarn_mscale set without yarn_rotary_scaling"),
+        (dict(**YARN, position_embedding_type="learned_absolute"), "use 'rope' or leave YaRN out"),
+        (dict(**YARN, yarn_attention_factor=0.0, yarn_beta_slow=-1.0),
+         "yarn_beta_slow=-1, yarn_attention_factor=0: must be positive"),
+        (dict(**YARN, transformer_overrides={"softmax_scale": 0.1}), "transformer_overrides sets softmax_scale"),
     ],
 )
 def test_bad_config_names_the_fix(fields, message):
@@ -49,3 +61,24 @@ def test_round_trip_and_defaults_follow_the_paper():
 
 def test_memory_slots_cover_every_micro_batch():
     assert MemorizingConfig(micro_batch_size=2, num_micro_batches=3).memory_slots == 6
+
+
+def test_yarn_scales_attention_by_its_factor_squared_and_round_trips():
+    """YaRN's attention factor (transformers' default: 0.1 ln(factor) + 1; with mscale and
+    mscale_all_dim, their ratio) goes into attention's softmax scale."""
+    config = MemorizingConfig(hidden_size=256, num_attention_heads=4, **YARN)
+    factor = 0.1 * math.log(4.0) + 1.0
+    assert config.yarn_attention_scale == factor
+    assert config.transformer_config().softmax_scale == pytest.approx(factor**2 / 8.0, rel=1e-15)
+    assert MemorizingConfig.from_dict(config.to_dict()) == config
+    mscaled = MemorizingConfig(**YARN, yarn_mscale=0.5, yarn_mscale_all_dim=1.0)
+    assert mscaled.yarn_attention_scale == (0.05 * math.log(4.0) + 1.0) / factor
+    assert MemorizingConfig(**YARN, yarn_mscale=0.5).yarn_attention_scale == factor  # as transformers: both or neither
+    assert MemorizingConfig(**YARN, yarn_attention_factor=1.5).yarn_attention_scale == 1.5
+    unscaled = MemorizingConfig()
+    assert unscaled.yarn is None and unscaled.transformer_config().softmax_scale is None
+
+
+def test_a_config_saved_before_yarn_loads_without_it():
+    saved = {name: value for name, value in MemorizingConfig().to_dict().items() if not name.startswith("yarn_")}
+    assert MemorizingConfig.from_dict(saved) == MemorizingConfig()

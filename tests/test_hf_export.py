@@ -51,6 +51,15 @@ VARIANTS = {
     # Llama 3.1's scaled RoPE, and linear scaling, through the XL cache's rotations and the memory's un-rotation.
     "llama3-rope-xl": dict(rope_scaling=True, rope_scaling_factor=8.0, xl_cache=True),
     "linear-rope-xl": dict(rotary_seq_len_interpolation_factor=4.0, xl_cache=True),
+    # YaRN over an original context of half a segment: its frequencies in the XL cache's rotations and the
+    # memory's un-rotation, its attention factor (squared) in local attention and, mixed by one softmax,
+    # in the local logsumexp.
+    "yarn-rope-xl": dict(yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=8, xl_cache=True),
+    "yarn-attention-factor-softmax-mixing-xl-gqa": dict(
+        yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=8, yarn_attention_factor=1.5,
+        yarn_beta_fast=16.0, yarn_correction_range_round_to_int=False, memory_mixing="softmax", xl_cache=True,
+        num_query_groups=2,
+    ),
 }
 
 

@@ -151,21 +151,30 @@ def test_a_model_imported_without_memory_exports_as_the_same_llama(single_rank, 
         transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text)
 
 
-# Llama 3.1's own scaling (factor 8; Llama 3.2: 32) and linear scaling, as transformers 5 writes them.
+# Llama 3.1's own scaling (factor 8; Llama 3.2: 32), linear scaling and YaRN, as transformers 5 writes
+# them. YaRN's original context (32) is shorter than the test's segment (128), so that its blend matters.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 ROPE_SCALINGS = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192},
     "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": YARN,
+    # every parameter given, the attention factor too, and the blend's ends not rounded
+    "yarn-attention-factor": {**YARN, "attention_factor": 1.3, "beta_fast": 16.0, "beta_slow": 2.0,
+                              "truncate": False},
+    # DeepSeek's way to the attention factor (the ratio of two magnitudes), on a Qwen2 (biases, tied)
+    "yarn-mscale-qwen2": {**YARN, "factor": 8.0, "mscale": 0.707, "mscale_all_dim": 1.0},
 }
 
 
 @pytest.mark.parametrize("scaling", ROPE_SCALINGS)
 def test_scaled_rope_imports_and_exports_exactly(single_rank, tmp_path, fast_tokenizer, scaling):
-    """Llama 3.1/3.2 and linearly scaled models: the import computes transformers' logits, the
+    """Llama 3.1/3.2, linearly scaled and YaRN models: the import computes transformers' logits, the
     plain export gives the same model back, the export with memory the same first segment."""
+    kind = "qwen2" if scaling.endswith("qwen2") else "llama"
     rope = {**ROPE_SCALINGS[scaling], "rope_theta": SHAPE["rope_theta"]}
-    hf = hf_model("llama", tmp_path / "hf", fast_tokenizer, rope_parameters=rope, max_position_embeddings=65536)
-    unscaled = hf_model("llama", tmp_path / "unscaled", fast_tokenizer)  # the same weights (same seed)
+    hf = hf_model(kind, tmp_path / "hf", fast_tokenizer, rope_parameters=rope, max_position_embeddings=65536)
+    unscaled = hf_model(kind, tmp_path / "unscaled", fast_tokenizer)  # the same weights (same seed)
     segment = 128  # long enough for the slowed-down frequencies to move the logits
     ids = torch.randint(0, SHAPE["vocab_size"], (SLOTS, segment), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -177,6 +186,9 @@ def test_scaled_rope_imports_and_exports_exactly(single_rank, tmp_path, fast_tok
     assert (megatron_logits_without_memory(model, ids) - expected).abs().max().item() < TOLERANCE
     back = export(tmp_path / "plain", tmp_path / "back")
     assert json.loads((back / "config.json").read_text())["rope_parameters"] == rope
+    original, exported = load_file(tmp_path / "hf" / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(original) == sorted(exported)
+    assert all(torch.equal(original[name], exported[name]) for name in original)
     with torch.no_grad():
         assert torch.equal(transformers.AutoModelForCausalLM.from_pretrained(back).eval()(ids).logits, expected)
 
@@ -350,8 +362,13 @@ REFUSALS = {
         dict(rope_parameters={**ROPE_SCALINGS["llama3"], "rope_theta": 50000.0,
                               "original_max_position_embeddings": 64}),
         [], "rope scaling 'llama3' with .*'original_max_position_embeddings': 64"),
-    "yarn rope": (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 4.0,
-                                        "original_max_position_embeddings": 32}), [], "rope scaling of type 'yarn'"),
+    "dynamic rope": (dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 50000.0, "factor": 4.0}), [],
+                     "rope scaling of type 'dynamic' is not supported"),
+    "yarn rope on part of the channels": (
+        dict(rope_parameters={**YARN, "rope_theta": 50000.0, "partial_rotary_factor": 0.5}),
+        [], "rope scaling 'yarn' with partial_rotary_factor=0.5"),
+    "yarn rope without attention": (dict(rope_parameters={**YARN, "rope_theta": 50000.0, "attention_factor": 0.0}),
+                                    [], "yarn_attention_factor=0: must be positive"),
     "segment beyond the pretrained context": (dict(), ["model.segment_length=256"], "max_position_embeddings=128"),
     "window shorter than a segment": (dict(kind="mistral", sliding_window=16), [], "sliding_window=16"),
     "architecture overridden": (dict(), ["model.hidden_size=32"], "come.* from config.json"),

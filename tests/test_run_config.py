@@ -36,6 +36,20 @@ def test_a_checkpoint_config_with_removed_settings_at_what_the_code_does_now_loa
     assert MemorizingConfig.from_dict(saved["model"]).xl_cache  # as export reads a checkpoint's model
 
 
+def test_a_checkpoint_config_saved_before_yarn_loads_with_yarn_off(tmp_path):
+    """config.yaml files written before the yarn_* fields existed lack them: they load as unscaled RoPE."""
+    saved = RunConfig.load(CONFIGS / "tiny-cpu.yaml").to_dict()
+    saved["model"] = {name: value for name, value in saved["model"].items() if not name.startswith("yarn_")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    loaded = RunConfig.load(tmp_path / "config.yaml")
+    assert loaded == RunConfig.load(CONFIGS / "tiny-cpu.yaml") and loaded.model.yarn is None
+    yarn = RunConfig.load(tmp_path / "config.yaml", ["model.yarn_rotary_scaling_factor=4",
+                                                     "model.yarn_original_max_position_embeddings=64"])
+    assert yarn.model.yarn["factor"] == 4.0 and yarn.model.yarn["original_max_position_embeddings"] == 64
+    yarn.save(tmp_path / "yarn.yaml")
+    assert RunConfig.load(tmp_path / "yarn.yaml") == yarn
+
+
 @pytest.mark.parametrize(
     "section, field, value, message",
     [

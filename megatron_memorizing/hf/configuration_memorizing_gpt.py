@@ -39,6 +39,11 @@ class MemorizingGPTConfig(PretrainedConfig):
         rotary_percent: float = 1.0,
         rope_scaling_type: str | None = None,
         rope_scaling_factor: float = 1.0,
+        rope_yarn_original_max_position_embeddings: int | None = None,
+        rope_yarn_beta_fast: float = 32.0,
+        rope_yarn_beta_slow: float = 1.0,
+        rope_yarn_truncate: bool = True,
+        rope_yarn_attention_factor: float = 1.0,
         segment_length: int = 512,
         memory_layers: list[int] | None = None,
         memory_size: int = 8192,
@@ -68,9 +73,18 @@ class MemorizingGPTConfig(PretrainedConfig):
         self.rotary_base = rotary_base
         self.rotary_percent = rotary_percent
         # RoPE stretched beyond the pretraining context: "llama3" (Llama 3.1/3.2's frequencies, an
-        # original context of 8,192, low/high frequency factors 1 and 4) or "linear" (positions / factor).
+        # original context of 8,192, low/high frequency factors 1 and 4), "linear" (positions / factor)
+        # or "yarn" (YaRN, with the rope_yarn_* fields: frequencies turning fewer than beta_slow times
+        # over the original context slowed down by the factor, those turning more than beta_fast times
+        # kept, a ramp between them, its ends rounded outwards with truncate; attention logits
+        # multiplied by attention_factor squared).
         self.rope_scaling_type = rope_scaling_type
         self.rope_scaling_factor = rope_scaling_factor
+        self.rope_yarn_original_max_position_embeddings = rope_yarn_original_max_position_embeddings
+        self.rope_yarn_beta_fast = rope_yarn_beta_fast
+        self.rope_yarn_beta_slow = rope_yarn_beta_slow
+        self.rope_yarn_truncate = rope_yarn_truncate
+        self.rope_yarn_attention_factor = rope_yarn_attention_factor
         self.segment_length = segment_length
         # 1-based layer numbers, as in training configs (the paper's memory layer is 9 of 12).
         self.memory_layers = (
@@ -94,8 +108,13 @@ class MemorizingGPTConfig(PretrainedConfig):
             problems.append(
                 f"position_embedding_type={self.position_embedding_type!r} (use one of {_POSITION_EMBEDDINGS})"
             )
-        if self.rope_scaling_type not in (None, "llama3", "linear"):
-            problems.append(f"rope_scaling_type={self.rope_scaling_type!r} (use 'llama3', 'linear' or null)")
+        if self.rope_scaling_type not in (None, "llama3", "linear", "yarn"):
+            problems.append(f"rope_scaling_type={self.rope_scaling_type!r} (use 'llama3', 'linear', 'yarn' or null)")
+        if self.rope_scaling_type == "yarn" and not (self.rope_yarn_original_max_position_embeddings or 0) >= 1:
+            problems.append(
+                f"rope_yarn_original_max_position_embeddings={self.rope_yarn_original_max_position_embeddings} "
+                f"(YaRN needs the pretraining context, a positive number)"
+            )
         if self.hidden_act not in _ACTIVATIONS:
             problems.append(f"hidden_act={self.hidden_act!r} (use one of {_ACTIVATIONS})")
         if self.num_attention_heads % self.num_key_value_heads:

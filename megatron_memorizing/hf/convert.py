@@ -180,8 +180,10 @@ def _check_tensors_match(saved: dict, wanted: dict) -> None:
 
 
 def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None):
-    unsupported = {name: getattr(transformer, name) for name, assumed in _ASSUMED.items()
-                   if getattr(transformer, name, assumed) != assumed}
+    # The softmax scale is Megatron's default, or YaRN's (which the exported model computes).
+    assumed = {**_ASSUMED, "softmax_scale": config.attention_softmax_scale}
+    unsupported = {name: getattr(transformer, name) for name, expected in assumed.items()
+                   if getattr(transformer, name, expected) != expected}
     if transformer.activation_func not in _ACTIVATIONS:
         unsupported["activation_func"] = transformer.activation_func
     if unsupported:

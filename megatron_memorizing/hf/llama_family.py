@@ -2,8 +2,9 @@
 
 These decoders differ from each other in a few switches only, all of which a MemorizingConfig
 expresses: RMSNorm, SwiGLU, RoPE with its base, grouped-query attention, tied or untied
-embeddings, biases on the query/key/value projection (Qwen2), a sliding window (Mistral). What
-it cannot express is refused with a reason, never approximated.
+embeddings, biases on the query/key/value projection (Qwen2), a sliding window (Mistral), RoPE
+scaled as Llama 3.1 does, linearly or by YaRN. What it cannot express is refused with a reason,
+never approximated.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def model_fields(hf) -> dict:
         position_embedding_type="rope",
         rotary_base=int(theta),
         rotary_percent=1.0,
-        **_rope_scaling_fields(scaling),
+        **_rope_scaling_fields(scaling, max_positions(hf)),
         normalization="RMSNorm",
         layernorm_epsilon=float(hf.rms_norm_eps),
         activation="silu",
@@ -81,7 +82,15 @@ def _rope(hf) -> tuple[float, dict]:
 LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
-def _rope_scaling_fields(scaling: dict) -> dict:
+# YaRN's parameters where transformers leaves them out: (the model field, its value), as
+# transformers reads a missing or null beta (its default) and a missing truncate (true).
+YARN_DEFAULTS = {"beta_fast": ("yarn_beta_fast", 32.0), "beta_slow": ("yarn_beta_slow", 1.0),
+                 "truncate": ("yarn_correction_range_round_to_int", True)}
+YARN_OPTIONAL = {"mscale": "yarn_mscale", "mscale_all_dim": "yarn_mscale_all_dim",
+                 "attention_factor": "yarn_attention_factor"}
+
+
+def _rope_scaling_fields(scaling: dict, max_position_embeddings: int) -> dict:
     """Model fields of a Hugging Face rope scaling; what Megatron-Core cannot compute is refused."""
     kind = scaling["rope_type"]
     if kind == "default":
@@ -96,30 +105,73 @@ def _rope_scaling_fields(scaling: dict) -> dict:
                 f"({', '.join(f'{k}={v:g}' for k, v in LLAMA3_FIXED.items())}) with any factor, not other values."
             )
         return dict(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
+    if kind == "yarn":
+        return _yarn_fields(scaling, max_position_embeddings)
     raise UnsupportedModel(
-        f"rope scaling of type {kind!r} is not supported: RoPE unscaled, 'llama3' (Llama 3.1/3.2) and 'linear' "
-        f"are imported, so that positions mean what they meant in pretraining."
+        f"rope scaling of type {kind!r} is not supported: RoPE unscaled, 'llama3' (Llama 3.1/3.2), 'linear' and "
+        f"'yarn' are imported, so that positions mean what they meant in pretraining."
     )
 
 
+def _yarn_fields(scaling: dict, max_position_embeddings: int) -> dict:
+    """The yarn_* model fields of a Hugging Face "yarn" scaling, read as transformers reads it: an
+    absent original context is max_position_embeddings, an absent factor the ratio of the two."""
+    partial = scaling.get("partial_rotary_factor", 1.0)
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModel(
+            f"rope scaling 'yarn' with partial_rotary_factor={partial}: the Llama family rotates every channel "
+            f"of a head, and YaRN's frequencies would cover only part of them (transformers cannot run it either)."
+        )
+    original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+    factor = scaling.get("factor")
+    fields = dict(
+        yarn_rotary_scaling_factor=float(factor if factor is not None else max_position_embeddings / original),
+        yarn_original_max_position_embeddings=original,
+        yarn_beta_fast=float(scaling.get("beta_fast") or YARN_DEFAULTS["beta_fast"][1]),
+        yarn_beta_slow=float(scaling.get("beta_slow") or YARN_DEFAULTS["beta_slow"][1]),
+        yarn_correction_range_round_to_int=bool(scaling.get("truncate", True)),
+    )
+    for name, field in YARN_OPTIONAL.items():
+        if scaling.get(name) is not None:
+            fields[field] = float(scaling[name])
+    return fields
+
+
 def rope_scaling(config: MemorizingConfig) -> dict:
-    """The exported model's rope scaling (rope_scaling_type and rope_scaling_factor of
-    MemorizingGPTConfig); empty when unscaled."""
+    """The exported model's rope scaling (rope_scaling_type, rope_scaling_factor and, for "yarn",
+    the rope_yarn_* fields of MemorizingGPTConfig); empty when unscaled."""
     if config.rope_scaling:
         return dict(rope_scaling_type="llama3", rope_scaling_factor=config.rope_scaling_factor)
     if config.rotary_seq_len_interpolation_factor is not None:
         return dict(rope_scaling_type="linear", rope_scaling_factor=config.rotary_seq_len_interpolation_factor)
+    if config.yarn_rotary_scaling_factor is not None:
+        return dict(
+            rope_scaling_type="yarn",
+            rope_scaling_factor=config.yarn_rotary_scaling_factor,
+            rope_yarn_original_max_position_embeddings=config.yarn_original_max_position_embeddings,
+            rope_yarn_beta_fast=config.yarn_beta_fast,
+            rope_yarn_beta_slow=config.yarn_beta_slow,
+            rope_yarn_truncate=config.yarn_correction_range_round_to_int,
+            rope_yarn_attention_factor=config.yarn_attention_scale,
+        )
     return {}
 
 
 def _rope_parameters(config: MemorizingConfig) -> dict:
     """transformers' rope_parameters of `config`."""
-    scaled = rope_scaling(config)
-    parameters = {"rope_type": scaled.get("rope_scaling_type", "default"), "rope_theta": float(config.rotary_base)}
-    if scaled:
-        parameters["factor"] = scaled["rope_scaling_factor"]
+    parameters = {"rope_type": "default", "rope_theta": float(config.rotary_base)}
     if config.rope_scaling:
-        parameters.update(LLAMA3_FIXED)
+        parameters.update(rope_type="llama3", factor=config.rope_scaling_factor, **LLAMA3_FIXED)
+    elif config.rotary_seq_len_interpolation_factor is not None:
+        parameters.update(rope_type="linear", factor=config.rotary_seq_len_interpolation_factor)
+    elif config.yarn_rotary_scaling_factor is not None:
+        parameters.update(rope_type="yarn", factor=config.yarn_rotary_scaling_factor,
+                          original_max_position_embeddings=config.yarn_original_max_position_embeddings)
+        # what transformers would take for a missing parameter is left out, as a config usually has it
+        parameters.update({name: getattr(config, field) for name, (field, default) in YARN_DEFAULTS.items()
+                           if getattr(config, field) != default})
+        parameters.update({name: getattr(config, field) for name, field in YARN_OPTIONAL.items()
+                           if getattr(config, field) is not None})
     return parameters
 
 

@@ -177,8 +177,11 @@ def _rotate(x: torch.Tensor, start: int, config: MemorizingGPTConfig) -> torch.T
     if config.position_embedding_type != "rope":
         return x
     dim = int(config.head_dim * config.rotary_percent)
-    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
-    inv_freq = _scaled_frequencies(inv_freq, config)
+    if config.rope_scaling_type == "yarn":
+        inv_freq = _yarn_frequencies(dim, config).to(x.device)
+    else:
+        inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=x.device) / dim))
+        inv_freq = _scaled_frequencies(inv_freq, config)
     positions = torch.arange(x.shape[2], dtype=torch.float32, device=x.device) + start
     angles = torch.outer(positions, inv_freq).repeat(1, 2)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
@@ -203,6 +206,28 @@ def _scaled_frequencies(inv_freq: torch.Tensor, config: MemorizingGPTConfig) -> 
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     kept_or_blended = torch.where(wavelength < context / high_freq_factor, inv_freq, blended)
     return torch.where(wavelength > context / low_freq_factor, inv_freq / factor, kept_or_blended)
+
+
+def _yarn_frequencies(dim: int, config: MemorizingGPTConfig) -> torch.Tensor:
+    """YaRN's frequencies: pair i turns L * base^(-2i/dim) / (2 pi) times over the original context
+    of L positions; pairs turning more than beta_fast times keep their frequency, those turning
+    fewer than beta_slow times are slowed down by the factor, and a ramp over the pair index (its
+    ends rounded outwards with truncate, within 0 .. dim - 1) blends the two in between."""
+    base, factor = float(config.rotary_base), config.rope_scaling_factor
+    context = config.rope_yarn_original_max_position_embeddings
+
+    def index_turning(times):
+        return dim * math.log(context / (times * 2 * math.pi)) / (2 * math.log(base))
+
+    start, end = index_turning(config.rope_yarn_beta_fast), index_turning(config.rope_yarn_beta_slow)
+    if config.rope_yarn_truncate:
+        start, end = math.floor(start), math.ceil(end)
+    start, end = max(start, 0), min(end, dim - 1)
+    if start == end:
+        end += 0.001
+    wavelength_scale = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    keep = 1 - torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - start) / (end - start), 0, 1)
+    return 1.0 / (factor * wavelength_scale) * (1 - keep) + 1.0 / wavelength_scale * keep
 
 
 def top_k_inner_product(queries, keys, k: int, backend: str = "torch", chunk_size: int = 8192):
@@ -264,6 +289,12 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.groups * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.groups * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.linear_bias)
+        # Local attention's logit scale (None: 1/sqrt(head_dim), scaled_dot_product_attention's own).
+        # YaRN scales rotated queries and keys by its attention factor, i.e. their dot products by its
+        # square. (Memory keys and queries are unit vectors: unaffected.)
+        self.scale = None
+        if config.rope_scaling_type == "yarn":
+            self.scale = config.rope_yarn_attention_factor**2 / math.sqrt(self.head_dim)
         self.has_memory = layer_number in config.memory_layers
         if self.has_memory:
             self.gate_bias = nn.Parameter(torch.full((self.heads,), float(config.gate_init)))
@@ -308,9 +339,10 @@ class Attention(nn.Module):
         repeat = self.heads // self.groups
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if not with_logsumexp:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible), None
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale), None
         # The scores once, for both the attention and its logsumexp.
-        logits = ((q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5).masked_fill(~visible, float("-inf"))
+        scale = self.head_dim**-0.5 if self.scale is None else self.scale
+        logits = ((q.float() @ k.float().transpose(-1, -2)) * scale).masked_fill(~visible, float("-inf"))
         out = (torch.softmax(logits, dim=-1) @ v.float()).to(v.dtype)
         return out, torch.logsumexp(logits, dim=-1, keepdim=True)
 
