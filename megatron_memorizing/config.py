@@ -357,6 +357,10 @@ class ExecutionLayout:
     bf16: bool = False
     # "none", "selective" (core attention only) or "full" (whole layers, uniform)
     recompute: str = "none"
+    # How local attention is computed: "stock", the base layer spec's core attention (Megatron's
+    # DotProductAttention, or Transformer Engine's when installed); or "sdpa", PyTorch's fused
+    # scaled_dot_product_attention, in memory linear in the segment (sdpa_attention.py).
+    core_attention: str = "stock"
 
     @property
     def memory_slots(self) -> int:
@@ -372,6 +376,8 @@ class ExecutionLayout:
             )
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(f"recompute={self.recompute!r}: use 'none', 'selective' or 'full'.")
+        if self.core_attention not in ("stock", "sdpa"):
+            raise ConfigError(f"core_attention={self.core_attention!r}: use 'stock' or 'sdpa'.")
         if self.micro_batch_size < 1 or self.num_micro_batches < 1:
             raise ConfigError("micro_batch_size and num_micro_batches must be at least 1.")
 

@@ -3,8 +3,9 @@
 Megatron-Core builds layers from `ModuleSpec`s; the plugin changes the core attention of
 self-attention (and, with the XL cache, self-attention's class, to XLSelfAttention) and
 leaves everything else (projections, MLP, norms, TE or local implementations) exactly as the
-stock spec has it. A layer with neither memory nor XL cache keeps the stock spec untouched.
-Layers with per-slot state all receive the model's one SlotSelection (slot_selection.py).
+stock spec has it (with `core_attention=sdpa`, the stock core attention is PyTorch's fused one).
+A layer with neither memory nor XL cache keeps the stock spec untouched. Layers with per-slot
+state all receive the model's one SlotSelection (slot_selection.py).
 """
 
 from __future__ import annotations
@@ -20,18 +21,25 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_memorizing.config import MemorizingConfig
 from megatron_memorizing.knn_attention import KNNAttention
+from megatron_memorizing.sdpa_attention import SDPAttention
 from megatron_memorizing.segment_attention import SegmentAttention
 from megatron_memorizing.slot_selection import SlotSelection
 from megatron_memorizing.xl_attention import XLSelfAttention
 
 
 def stock_layer_spec(config: MemorizingConfig, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
-    """Megatron-Core's own GPT layer spec: Transformer Engine when installed, else local modules."""
+    """Megatron-Core's own GPT layer spec: Transformer Engine when installed, else local modules;
+    with `core_attention=sdpa`, its core attention is PyTorch's fused one (sdpa_attention.py)."""
     if use_transformer_engine is None:
         use_transformer_engine = gpt_layer_specs.HAVE_TE
     if use_transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    if config.core_attention == "sdpa":
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def memorizing_layer_spec(
