@@ -15,7 +15,8 @@
 #   eval RUN           evaluate a run, or an import before training (imported-memory18-19-21-gate-3), on the
 #                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
 #                      or MEMORY_SIZES; memory disabled); REFERENCE=8192 adds the model's own window of that many
-#                      tokens (its local attention is unfused: hours on a 2-core CPU)
+#                      tokens (local attention through model.core_attention=sdpa: 35 minutes in fp32 on
+#                      one CPU core)
 #
 #   benchmarks/pretrained_memory.sh prepare
 #   benchmarks/pretrained_memory.sh memory 1 & benchmarks/pretrained_memory.sh nomemory 1
@@ -55,7 +56,7 @@ for line in open(sys.argv[1]):
         run=${2:?give a run name or an import (a folder of $root)}
         checkpoint=$root/$run
         [[ $run == finetune-* ]] && checkpoint=$root/$run/checkpoints
-        reference=(${REFERENCE:+--reference-window "$REFERENCE"})
+        reference=(${REFERENCE:+--reference-window "$REFERENCE" --set model.core_attention=sdpa})
         # Six documents side by side, read one at a time (a long window's attention scores are
         # slots x heads x window x window floats).
         exec "$bin/megatron-memorizing-eval" --checkpoint $checkpoint --data $data/validation-long \

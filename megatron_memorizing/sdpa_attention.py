@@ -3,10 +3,10 @@
 Megatron-Core's local DotProductAttention (what a layer runs without Transformer Engine) writes
 out every score: heads x s x s floats per sequence, 2.4 GB for SmolLM2's nine heads at 8K tokens,
 then masks and softmaxes them in separate passes. `torch.nn.functional.scaled_dot_product_attention`
-computes the same attention in tiles (flash attention on GPUs, and on CPUs since PyTorch 2.2), in
-memory linear in s and about ten times faster on a CPU at 8K. Selected with
-`model.core_attention=sdpa`, it replaces the stock core attention in every layer's spec; it has
-no parameters, so checkpoints are the same either way.
+computes the same attention in tiles (flash attention on GPUs, a tiled kernel on CPUs), in memory
+linear in s and five to seven times faster on a CPU at 8K (benchmarks/bench_core_attention.py).
+Selected with `model.core_attention=sdpa`, it replaces the stock core attention in every layer's
+spec; it has no parameters, so checkpoints are the same either way.
 """
 
 from __future__ import annotations
