@@ -10,13 +10,14 @@
 #                      import's: the gate starts at 0.05) and SCALARS_LR_MULT (default 1000: gate and
 #                      temperature learn at 1000x the learning rate) name the run:
 #                      finetune-memory18-19-21-gate-3-lrx1000-125-seed1 (its import:
-#                      imported-memory18-19-21-gate-3)
+#                      imported-memory18-19-21-gate-3). MIXING=softmax (model.memory_mixing) and
+#                      MEMORY_SIZE (trained with that many pairs) add -softmax and -mSIZE to the name
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
 #   eval RUN           evaluate a run, or an import before training (imported-memory18-19-21-gate-3), on the
 #                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
 #                      or MEMORY_SIZES; memory disabled); REFERENCE=8192 adds the model's own window of that many
 #                      tokens (local attention through model.core_attention=sdpa: 35 minutes in fp32 on
-#                      one CPU core)
+#                      one CPU core), written to runs/eval/smollm2/RUN-window8192
 #
 #   benchmarks/pretrained_memory.sh prepare
 #   benchmarks/pretrained_memory.sh memory 1 & benchmarks/pretrained_memory.sh nomemory 1
@@ -57,22 +58,28 @@ for line in open(sys.argv[1]):
         checkpoint=$root/$run
         [[ $run == finetune-* ]] && checkpoint=$root/$run/checkpoints
         reference=(${REFERENCE:+--reference-window "$REFERENCE" --set model.core_attention=sdpa})
+        out=runs/eval/smollm2/$run${REFERENCE:+-window$REFERENCE}
+        [[ $out == *$precision ]] || out+=$precision
         # Six documents side by side, read one at a time (a long window's attention scores are
         # slots x heads x window x window floats).
         exec "$bin/megatron-memorizing-eval" --checkpoint $checkpoint --data $data/validation-long \
             --set model.bf16=$bf16 --set model.micro_batch_size=1 --set model.num_micro_batches=6 --max-steps 48 \
-            --memory-sizes ${MEMORY_SIZES:-4096 16384 65536} "${reference[@]}" --out runs/eval/smollm2/$run ;;
+            --memory-sizes ${MEMORY_SIZES:-4096 16384 65536} "${reference[@]}" --out $out ;;
     memory|nomemory) seed=${2:?give the data seed} ;;
     *) echo "unknown stage '$stage' (see the header of $0)" >&2; exit 2 ;;
 esac
 
 steps=${STEPS:-125}
 gate_init=${GATE_INIT:--3} scalars_lr_mult=${SCALARS_LR_MULT:-1000}
-imported=$root/imported-nomemory variant=nomemory
+mixing=${MIXING:-gate} memory_size=${MEMORY_SIZE:-4096}
+imported=$root/imported-nomemory variant=nomemory memory_settings=()
 if [[ $stage == memory ]]; then
     layers=${LAYERS:-18 19 21}
     imported=$root/imported-memory${layers// /-}-gate$gate_init
     variant=memory${layers// /-}-gate$gate_init-lrx$scalars_lr_mult
+    [[ $mixing == gate ]] || variant+=-$mixing
+    [[ $memory_size == 4096 ]] || variant+=-m$memory_size
+    memory_settings=(--set model.memory_mixing="$mixing" --set model.memory_size="$memory_size")
     [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
         --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[${layers// /,}]" \
         --set model.memory_size=4096 --set model.gate_init="$gate_init"
@@ -84,4 +91,4 @@ run=$root/finetune-$variant-$steps-seed$seed$precision
     --set training.steps="$steps" --set optimizer.lr=1e-4 --set optimizer.min_lr=1e-5 \
     --set optimizer.warmup_steps=10 --set optimizer.memory_scalars_lr_mult="$scalars_lr_mult" \
     --set checkpoint.interval=25 --set checkpoint.keep_last=6 \
-    --set checkpoint.dir=$run/checkpoints --set logging.dir=$run --set logging.interval=5
+    --set checkpoint.dir=$run/checkpoints --set logging.dir=$run --set logging.interval=5 "${memory_settings[@]}"

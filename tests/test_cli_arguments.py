@@ -24,6 +24,7 @@ RECALL_TASK = "data_tools.recall_task"
 EVAL = "megatron_memorizing.eval.perplexity_cli"
 RECALL = "megatron_memorizing.eval.recall"
 LOOKUP_HEADS = "megatron_memorizing.eval.lookup_heads"
+MEMORY_LOOKUPS = "megatron_memorizing.eval.memory_lookups"
 INSPECT = "megatron_memorizing.eval.inspect_retrieval"
 COMPARE = "megatron_memorizing.eval.compare"
 CURVES = "megatron_memorizing.eval.curves"
@@ -107,6 +108,9 @@ CASES = [
     (LOOKUP_HEADS, "--checkpoint {missing} --segments 0", "--segments"),
     (LOOKUP_HEADS, "--checkpoint {missing} --n -1", "--n"),
     (LOOKUP_HEADS, "--checkpoint {missing} --threshold -1", "--threshold"),
+    (MEMORY_LOOKUPS, "--checkpoint {missing} --segments 0", "--segments"),
+    (MEMORY_LOOKUPS, "--checkpoint {missing} --n -1", "--n"),
+    (MEMORY_LOOKUPS, "--checkpoint {missing} --out {file}", "--out"),
 
     (INSPECT, "--checkpoint {missing} --document -1", "--document"),
     (INSPECT, "--checkpoint {missing} --top 0", "--top"),

@@ -171,13 +171,13 @@ def other_tokenizer_data(tmp_path_factory):
     return str(out / "validation")
 
 
-@pytest.mark.parametrize("command", ["perplexity", "recall", "inspect_retrieval", "lookup_heads"])
+@pytest.mark.parametrize("command", ["perplexity", "recall", "inspect_retrieval", "lookup_heads", "memory_lookups"])
 def test_data_of_another_tokenizer_is_refused_before_any_number(single_rank, data, other_tokenizer_data, tmp_path,
                                                                   capsys, command):
-    from megatron_memorizing.eval import inspect_retrieval, lookup_heads, recall
+    from megatron_memorizing.eval import inspect_retrieval, lookup_heads, memory_lookups, recall
 
     main = {"perplexity": perplexity_cli.main, "recall": recall.main, "inspect_retrieval": inspect_retrieval.main,
-            "lookup_heads": lookup_heads.main}[command]
+            "lookup_heads": lookup_heads.main, "memory_lookups": memory_lookups.main}[command]
     state = train_state(data, tmp_path / "run" / "checkpoints", segment_length=16)
     saved = Checkpointer(state.run_config.checkpoint).save(state)
     with pytest.raises(SystemExit) as exit_:
@@ -192,7 +192,8 @@ def test_data_of_another_tokenizer_is_refused_before_any_number(single_rank, dat
     assert "perplexity" not in captured.out and not (tmp_path / "eval").exists()
 
 
-@pytest.mark.parametrize("command", ["perplexity_cli", "recall", "inspect_retrieval", "lookup_heads"])
+@pytest.mark.parametrize("command", ["perplexity_cli", "recall", "inspect_retrieval", "lookup_heads",
+                                     "memory_lookups"])
 def test_a_path_without_a_checkpoint_is_one_line_and_exit_2(command, tmp_path, capsys):
     import importlib
 
