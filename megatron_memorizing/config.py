@@ -306,6 +306,12 @@ class MemorySettings:
     # g = sigmoid(b_g + logsumexp of the memory logits - logsumexp of the local ones), per query,
     # so a query whose retrieval matches nothing well keeps its local attention.
     memory_mixing: str = "gate"
+    # The first N tokens of every segment are kept out of what the memory returns: a pretrained
+    # model reading segments that each start at position 0 makes those tokens attention sinks, keys
+    # that match every query, and the memory's best matches would be the sinks of its segments
+    # (eval.memory_lookups shows it). They are written with zero keys (positions stay exact), so
+    # they score 0, leave the top-k to real matches and are never read.
+    memory_sink_tokens: int = 0
     # Transformer-XL: every layer also attends to the previous segment, whose inputs (the layer's
     # input hidden states) it keeps and projects afresh every step with the current weights.
     xl_cache: bool = False
@@ -332,6 +338,9 @@ class MemorySettings:
             raise ConfigError(f"memory_backend={self.memory_backend!r}: use 'torch' or 'faiss'.")
         if self.memory_search_chunk < 1:
             raise ConfigError(f"memory_search_chunk={self.memory_search_chunk} must be positive.")
+        if not 0 <= self.memory_sink_tokens < self.segment_length:
+            raise ConfigError(f"memory_sink_tokens={self.memory_sink_tokens} must lie in 0..segment_length-1 "
+                              f"(segment_length={self.segment_length}).")
         if self.memory_mixing not in ("gate", "softmax"):
             raise ConfigError(f"memory_mixing={self.memory_mixing!r}: use 'gate' or 'softmax'.")
 

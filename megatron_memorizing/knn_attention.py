@@ -8,6 +8,8 @@ Per head, every query of the segment attends twice:
 A learned per-head gate mixes the two: g = sigmoid(b_g), out = mem * g + local * (1 - g). With
 memory_mixing='softmax' the gate is per query instead, g = sigmoid(b_g + LSE_mem - LSE_local) from
 the logsumexp of each attention's logits: exactly one softmax over retrieved and local keys (b_g = 0).
+With memory_sink_tokens=N the first N tokens of every segment (a pretrained model's attention
+sinks) are written with zero keys and values and masked out of what a search returns.
 
 The memory is not differentiable: retrieval picks pairs without gradient, and the query attends
 to them with gradient (so the layer learns what to look up), but nothing flows into the memory.
@@ -16,6 +18,7 @@ This segment's keys and values are staged and become searchable only after the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -44,6 +47,7 @@ class KNNAttention(SegmentAttention):
         top_k: int,
         gate_init: float = 0.0,
         mixing: str = "gate",
+        sink_tokens: int = 0,
         memory_dtype: torch.dtype = torch.float32,
         search_chunk_size: int = 8192,
         backend: str = "torch",
@@ -66,6 +70,7 @@ class KNNAttention(SegmentAttention):
         # temperature of unit-norm vectors scaled to norm sqrt(d), i.e. a logit scale of sqrt(d).
         self.gate_bias = self._per_head_parameter(gate_init)
         self.mixing = mixing  # "gate" or "softmax" (MemorizingConfig.memory_mixing)
+        self.sink_tokens = sink_tokens  # MemorizingConfig.memory_sink_tokens
         self.memory_log_scale = self._per_head_parameter(0.5 * math.log(self.head_dim))
         # Called with (layer_number, retrieved) after each search (observations.watch_retrievals).
         self.retrieval_watchers: list[Callable[[int, Retrieved], None]] = []
@@ -106,8 +111,15 @@ class KNNAttention(SegmentAttention):
             keys = keys.repeat_interleave(h // self.groups_per_partition, dim=2)
             value = value.repeat_interleave(h // self.groups_per_partition, dim=2)
 
+        if self.sink_tokens:  # written as zeros: positions stay exact, and they score 0
+            keys, value = keys.clone(), value.clone()
+            keys[: self.sink_tokens] = 0
+            value[: self.sink_tokens] = 0
+
         queries_bhsd = queries.permute(1, 2, 0, 3)
         retrieved = self.memory.search(queries_bhsd.detach(), self.top_k, slots=self.slots)
+        if self.sink_tokens:
+            retrieved = without_sinks(retrieved)
         for watch in self.retrieval_watchers:
             watch(self.layer_number, retrieved)
 
@@ -184,6 +196,15 @@ class KNNAttention(SegmentAttention):
             )
         )
         return sharded
+
+
+def without_sinks(retrieved: Retrieved) -> Retrieved:
+    """`retrieved` with the sink tokens' pairs (all-zero keys) marked invalid."""
+    valid = retrieved.valid & retrieved.keys.ne(0).any(dim=-1)
+    return dataclasses.replace(
+        retrieved, valid=valid, positions=retrieved.positions.masked_fill(~valid, -1),
+        scores=retrieved.scores.masked_fill(~valid, float("-inf")),
+    )
 
 
 def as_memory_layout(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

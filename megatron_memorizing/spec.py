@@ -70,6 +70,7 @@ def memorizing_layer_spec(
             top_k=config.knn_top_k,
             gate_init=config.gate_init,
             mixing=config.memory_mixing,
+            sink_tokens=config.memory_sink_tokens,
             memory_dtype=config.torch_memory_dtype,
             search_chunk_size=config.memory_search_chunk,
             backend=config.memory_backend,

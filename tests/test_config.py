@@ -25,6 +25,8 @@ YARN = dict(yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embedding
         (dict(xl_cache=True, position_embedding_type="learned_absolute"), "needs relative positions"),
         (dict(recompute="partial"), "use 'none', 'selective' or 'full'"),
         (dict(memory_mixing="sum"), "use 'gate' or 'softmax'"),
+        (dict(memory_sink_tokens=512, segment_length=512), "memory_sink_tokens=512 must lie in 0..segment_length-1"),
+        (dict(memory_sink_tokens=-1), "memory_sink_tokens=-1 must lie in"),
         (dict(num_layers=8, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=3),
          "divisible by pp\\*vpp=6"),
         (dict(hidden_size=100, num_attention_heads=8), "set kv_channels explicitly"),

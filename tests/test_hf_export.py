@@ -275,6 +275,12 @@ BROKEN = {
         ),
         "do not fit",
     ),
+    "memory sink tokens, which the exported model does not implement": (
+        lambda run: _write_yaml(
+            run / "iter_0000100" / "config.yaml", {"model": {**_model_section(run), "memory_sink_tokens": 1}}
+        ),
+        r"does not implement \{'memory_sink_tokens': 1\}",
+    ),
     "interrupted save": (lambda run: (run / "iter_0000100" / "model" / "metadata.json").unlink(), "metadata.json"),
     "no tokenizer": (lambda run: (run / "iter_0000100" / "tokenizer.model").unlink(), "--tokenizer"),
     "tokenizer is not sentencepiece": (

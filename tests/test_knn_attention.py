@@ -74,7 +74,7 @@ def test_closed_gate_equals_stock_megatron_and_open_gate_uses_memory(single_rank
     assert opened[1] != stock[1] and opened[2] != stock[2]
 
 
-def _layer(rotary, num_slots=2, heads=2, head_dim=16, memory_size=32, mixing="gate"):
+def _layer(rotary, num_slots=2, heads=2, head_dim=16, memory_size=32, mixing="gate", sink_tokens=0):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     config = TransformerConfig(
@@ -92,6 +92,7 @@ def _layer(rotary, num_slots=2, heads=2, head_dim=16, memory_size=32, mixing="ga
         top_k=4,
         gate_init=1e4,  # g = 1: the output is the memory read alone
         mixing=mixing,
+        sink_tokens=sink_tokens,
     )
     with torch.no_grad():
         layer.memory_log_scale.fill_(math.log(200.0))  # a sharp softmax: the best match wins
@@ -126,6 +127,33 @@ def test_answer_only_in_memory_is_retrieved_from_its_own_slot(single_rank, rotar
     after_reset = layer(queries, rotate(fresh), torch.randn(s, b, h, d, generator=g), None).view(s, b, h, d)
     torch.testing.assert_close(after_reset[:, 1], past_values.flip(0)[:, 1], atol=1e-3, rtol=1e-3)
     assert not torch.allclose(after_reset[:, 0], past_values.flip(0)[:, 0], atol=0.1)
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 2])
+def test_sink_tokens_are_never_read_and_leave_the_top_k_to_real_matches(single_rank, sink_tokens):
+    """Every key alike (all cosines positive), the segment's first keys strongly so (sinks): kept
+    out, every query still gets k valid pairs, none of them a sink; a query for a pair that is not
+    a sink gets its value, one for a sink does not."""
+    _, layer = _layer(rotary=False, sink_tokens=sink_tokens)
+    g = torch.Generator().manual_seed(3)
+    s, b, h, d = 8, 2, 2, 16
+    shared = torch.randn(d, generator=g)
+    past_keys = shared + 0.5 * torch.randn(s, b, h, d, generator=g)
+    past_keys[:2] = shared + 0.1 * torch.randn(2, b, h, d, generator=g)
+    past_values = torch.randn(s, b, h, d, generator=g)
+    layer(torch.randn(s, b, h, d, generator=g), past_keys, past_values, None)
+    layer.memory.commit()
+
+    seen = []
+    layer.retrieval_watchers.append(lambda number, retrieved: seen.append(retrieved))
+    out = layer(past_keys.flip(0), torch.randn(s, b, h, d, generator=g), torch.randn(s, b, h, d, generator=g),
+                None).view(s, b, h, d).flip(0)  # row i asked for pair i
+    (retrieved,) = seen
+    assert retrieved.valid.sum(dim=-1).eq(layer.top_k).all()
+    assert bool((retrieved.positions[retrieved.valid] < 2).any()) == (sink_tokens == 0)
+    torch.testing.assert_close(out[2:], past_values[2:], atol=1e-3, rtol=1e-3)
+    if sink_tokens:  # a query for a sink gets other pairs' values
+        assert not torch.allclose(out[:2], past_values[:2], atol=0.1)
 
 
 def test_gradients_reach_queries_and_gate_but_never_memory(single_rank):

@@ -186,6 +186,8 @@ def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None
                    if getattr(transformer, name, expected) != expected}
     if transformer.activation_func not in _ACTIVATIONS:
         unsupported["activation_func"] = transformer.activation_func
+    if config.memory_sink_tokens:
+        unsupported["memory_sink_tokens"] = config.memory_sink_tokens
     if unsupported:
         raise ExportError(f"the exported model does not implement {unsupported}; train without these settings.")
     if len(tokenizer) > config.vocab_size:
