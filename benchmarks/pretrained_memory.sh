@@ -10,8 +10,10 @@
 #                      import's: the gate starts at 0.05) and SCALARS_LR_MULT (default 1000: gate and
 #                      temperature learn at 1000x the learning rate) name the run:
 #                      finetune-memory18-19-21-gate-3-lrx1000-125-seed1 (its import:
-#                      imported-memory18-19-21-gate-3). MIXING=softmax (model.memory_mixing) and
-#                      MEMORY_SIZE (trained with that many pairs) add -softmax and -mSIZE to the name
+#                      imported-memory18-19-21-gate-3). MIXING=softmax (model.memory_mixing),
+#                      MEMORY_SIZE (trained with that many pairs) and SINKS=N (model.memory_sink_tokens:
+#                      the first N tokens of each segment never come back from the memory) add
+#                      -softmax, -mSIZE and -sinksN to the name
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
 #   eval RUN           evaluate a run, or an import before training (imported-memory18-19-21-gate-3), on the
 #                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
@@ -24,7 +26,7 @@
 #   benchmarks/pretrained_memory.sh eval imported-memory18-19-21-gate-3
 #   benchmarks/pretrained_memory.sh eval finetune-memory18-19-21-gate-3-lrx1000-125-seed1
 #
-# STEPS (default 125: 0.5 M tokens) sets the length. BF16=false trains and evaluates in fp32, its
+# STEPS (default 125: 0.5 M tokens) sets the length, CHECKPOINT_INTERVAL (default 25) how often it saves. BF16=false trains and evaluates in fp32, its
 # runs named ...-fp32: on a CPU without bf16 matrix units (AMX, AVX512-BF16) bf16 is the slower. Runs go to runs/smollm2/, evaluations to runs/eval/smollm2/; a run resumes
 # where it stopped. One thread per process.
 set -euo pipefail
@@ -71,7 +73,7 @@ esac
 
 steps=${STEPS:-125}
 gate_init=${GATE_INIT:--3} scalars_lr_mult=${SCALARS_LR_MULT:-1000}
-mixing=${MIXING:-gate} memory_size=${MEMORY_SIZE:-4096}
+mixing=${MIXING:-gate} memory_size=${MEMORY_SIZE:-4096} sinks=${SINKS:-0}
 imported=$root/imported-nomemory variant=nomemory memory_settings=()
 if [[ $stage == memory ]]; then
     layers=${LAYERS:-18 19 21}
@@ -79,7 +81,9 @@ if [[ $stage == memory ]]; then
     variant=memory${layers// /-}-gate$gate_init-lrx$scalars_lr_mult
     [[ $mixing == gate ]] || variant+=-$mixing
     [[ $memory_size == 4096 ]] || variant+=-m$memory_size
-    memory_settings=(--set model.memory_mixing="$mixing" --set model.memory_size="$memory_size")
+    [[ $sinks == 0 ]] || variant+=-sinks$sinks
+    memory_settings=(--set model.memory_mixing="$mixing" --set model.memory_size="$memory_size"
+                     --set model.memory_sink_tokens="$sinks")
     [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
         --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[${layers// /,}]" \
         --set model.memory_size=4096 --set model.gate_init="$gate_init"
@@ -90,5 +94,5 @@ run=$root/finetune-$variant-$steps-seed$seed$precision
     --set model.bf16=$bf16 --set training.train_from_layer=18 \
     --set training.steps="$steps" --set optimizer.lr=1e-4 --set optimizer.min_lr=1e-5 \
     --set optimizer.warmup_steps=10 --set optimizer.memory_scalars_lr_mult="$scalars_lr_mult" \
-    --set checkpoint.interval=25 --set checkpoint.keep_last=6 \
+    --set checkpoint.interval=${CHECKPOINT_INTERVAL:-25} --set checkpoint.keep_last=6 \
     --set checkpoint.dir=$run/checkpoints --set logging.dir=$run --set logging.interval=5 "${memory_settings[@]}"

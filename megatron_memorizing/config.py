@@ -309,8 +309,8 @@ class MemorySettings:
     # The first N tokens of every segment are kept out of what the memory returns: a pretrained
     # model reading segments that each start at position 0 makes those tokens attention sinks, keys
     # that match every query, and the memory's best matches would be the sinks of its segments
-    # (eval.memory_lookups shows it). They are written with zero keys (positions stay exact), so
-    # they score 0, leave the top-k to real matches and are never read.
+    # (eval.memory_lookups shows it). The search asks for k plus the sinks the memory can hold, drops
+    # the sinks and keeps the best k.
     memory_sink_tokens: int = 0
     # Transformer-XL: every layer also attends to the previous segment, whose inputs (the layer's
     # input hidden states) it keeps and projects afresh every step with the current weights.

@@ -9,7 +9,8 @@ A learned per-head gate mixes the two: g = sigmoid(b_g), out = mem * g + local *
 memory_mixing='softmax' the gate is per query instead, g = sigmoid(b_g + LSE_mem - LSE_local) from
 the logsumexp of each attention's logits: exactly one softmax over retrieved and local keys (b_g = 0).
 With memory_sink_tokens=N the first N tokens of every segment (a pretrained model's attention
-sinks) are written with zero keys and values and masked out of what a search returns.
+sinks) never come back from the memory: the search asks for enough more pairs to drop them and
+still return k.
 
 The memory is not differentiable: retrieval picks pairs without gradient, and the query attends
 to them with gradient (so the layer learns what to look up), but nothing flows into the memory.
@@ -18,7 +19,6 @@ This segment's keys and values are staged and become searchable only after the s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable, Optional
 
@@ -111,15 +111,14 @@ class KNNAttention(SegmentAttention):
             keys = keys.repeat_interleave(h // self.groups_per_partition, dim=2)
             value = value.repeat_interleave(h // self.groups_per_partition, dim=2)
 
-        if self.sink_tokens:  # written as zeros: positions stay exact, and they score 0
-            keys, value = keys.clone(), value.clone()
-            keys[: self.sink_tokens] = 0
-            value[: self.sink_tokens] = 0
-
         queries_bhsd = queries.permute(1, 2, 0, 3)
-        retrieved = self.memory.search(queries_bhsd.detach(), self.top_k, slots=self.slots)
-        if self.sink_tokens:
-            retrieved = without_sinks(retrieved)
+        if self.sink_tokens:  # every segment the memory holds has sink_tokens of them
+            sinks = self.sink_tokens * -(-self.memory.capacity // s)
+            retrieved = self.memory.search(queries_bhsd.detach(), min(self.top_k + sinks, self.memory.capacity),
+                                           slots=self.slots)
+            retrieved = without_sinks(retrieved, s, self.sink_tokens, self.top_k)
+        else:
+            retrieved = self.memory.search(queries_bhsd.detach(), self.top_k, slots=self.slots)
         for watch in self.retrieval_watchers:
             watch(self.layer_number, retrieved)
 
@@ -198,12 +197,21 @@ class KNNAttention(SegmentAttention):
         return sharded
 
 
-def without_sinks(retrieved: Retrieved) -> Retrieved:
-    """`retrieved` with the sink tokens' pairs (all-zero keys) marked invalid."""
-    valid = retrieved.valid & retrieved.keys.ne(0).any(dim=-1)
-    return dataclasses.replace(
-        retrieved, valid=valid, positions=retrieved.positions.masked_fill(~valid, -1),
-        scores=retrieved.scores.masked_fill(~valid, float("-inf")),
+def without_sinks(retrieved: Retrieved, segment_length: int, sink_tokens: int, k: int) -> Retrieved:
+    """The best k of `retrieved` that are not the first `sink_tokens` tokens of a segment (every
+    segment writes segment_length pairs, so a pair's position in its segment is its position modulo
+    that), best first; invalid entries, as from a search, where fewer are left."""
+    valid = retrieved.valid & (retrieved.positions % segment_length >= sink_tokens)
+    # A stable sort on "not valid" keeps the search's best-first order among the valid entries.
+    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices[..., :k]
+    valid = valid.gather(-1, order)
+    index = order.unsqueeze(-1).expand(*order.shape, retrieved.keys.shape[-1])
+    return Retrieved(
+        keys=retrieved.keys.gather(-2, index).masked_fill(~valid.unsqueeze(-1), 0),
+        values=retrieved.values.gather(-2, index).masked_fill(~valid.unsqueeze(-1), 0),
+        valid=valid,
+        positions=retrieved.positions.gather(-1, order).masked_fill(~valid, -1),
+        scores=retrieved.scores.gather(-1, order).masked_fill(~valid, float("-inf")),
     )
 
 

@@ -9,8 +9,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_memorizing.data import Batch
-from megatron_memorizing.knn_attention import KNNAttention
+from megatron_memorizing.knn_attention import KNNAttention, without_sinks
 from megatron_memorizing.memories import ModelMemories
+from megatron_memorizing.memory import Retrieved
 from megatron_memorizing.model import build_model
 from megatron_memorizing.observations import watch_retrievals
 from megatron_memorizing.positions import RotaryPositions
@@ -154,6 +155,18 @@ def test_sink_tokens_are_never_read_and_leave_the_top_k_to_real_matches(single_r
     torch.testing.assert_close(out[2:], past_values[2:], atol=1e-3, rtol=1e-3)
     if sink_tokens:  # a query for a sink gets other pairs' values
         assert not torch.allclose(out[:2], past_values[:2], atol=0.1)
+
+
+def test_without_sinks_keeps_the_best_k_that_start_no_segment():
+    positions = torch.tensor([[0, 5, 8, 3, 16, -1]])  # segments of 8: 0, 8 and 16 start one
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5, float("-inf")]])
+    values = positions.float().unsqueeze(-1).expand(-1, -1, 2)
+    retrieved = Retrieved(keys=values + 1, values=values, valid=positions >= 0, positions=positions, scores=scores)
+    kept = without_sinks(retrieved, segment_length=8, sink_tokens=1, k=3)
+    assert kept.positions.tolist() == [[5, 3, -1]] and kept.valid.tolist() == [[True, True, False]]
+    assert kept.scores[0, :2].tolist() == pytest.approx([0.8, 0.6]) and kept.scores[0, 2] == float("-inf")
+    assert kept.values[0, :, 0].tolist() == [5.0, 3.0, 0.0] and kept.keys[0, 2].eq(0).all()
+    assert without_sinks(retrieved, 8, 4, 3).positions.tolist() == [[5, -1, -1]]  # 3 is the 4th of its segment
 
 
 def test_gradients_reach_queries_and_gate_but_never_memory(single_rank):

@@ -123,7 +123,9 @@ def score_memory_heads(loaded: LoadedModel, batches: Iterable[Batch], n: int = 4
             if not len(rows):
                 continue
             valid = retrieved.valid[slot][:, rows]  # [h, q, k]
+            # A query that retrieved nothing valid reads nothing (as in KNNAttention), not NaN.
             logits = (retrieved.scores[slot][:, rows] * scale).masked_fill(~valid, float("-inf"))
+            logits = logits.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
             hits = (retrieved.positions[slot][:, rows] == slot_targets[rows][None, :, None]) & valid
             found[number] += hits.any(dim=-1).double().sum(dim=-1)
             best[number] += hits[..., 0].double().sum(dim=-1)
