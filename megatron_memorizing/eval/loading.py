@@ -13,10 +13,11 @@ initial values: a model trained without memory, say, given one for a look.
 from __future__ import annotations
 
 import argparse
+import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -24,7 +25,7 @@ from megatron.core import parallel_state
 
 from megatron_memorizing.cli_arguments import config_override, dataset_prefix
 from megatron_memorizing.config import ONE_PROCESS, ConfigError
-from megatron_memorizing.data import Batch, DataError, check_compatible, trained_tokenizer
+from megatron_memorizing.data import Batch, DataError, DocumentStream, check_compatible, trained_tokenizer
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
 from megatron_memorizing.parallel import initialize_distributed
@@ -135,6 +136,17 @@ def load_checkpoint(checkpoint: str | Path, overrides: Sequence[str] = (), slots
 
 
 @torch.no_grad()
+def segments_to_read(args: argparse.Namespace,
+                     parser: argparse.ArgumentParser) -> tuple[LoadedModel, str, Iterator[Batch]]:
+    """For the tools that watch a model read: the checkpoint (--checkpoint, --set, --slots), the
+    dataset (--data) and its first --segments segments per slot, streamed as in training."""
+    loaded = load_checkpoint_argument(args, parser, slots=args.slots)
+    data = evaluation_data(loaded, args.data, parser)
+    model = loaded.config.model
+    stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
+    return loaded, data, itertools.islice(stream, args.segments)
+
+
 def forward_logits(model_chunks: list[torch.nn.Module], memories: ModelMemories, batch: Batch) -> torch.Tensor:
     """Logits [slots, L, vocab] of a batch on a single-process model, reading the memory as it is.
 

@@ -26,7 +26,6 @@ Writes a table per measure to the terminal and memory_lookups.json to --out.
 from __future__ import annotations
 
 import argparse
-import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
@@ -34,14 +33,8 @@ from typing import Iterable, Optional
 import torch
 
 from megatron_memorizing.cli_arguments import output_folder, positive_int
-from megatron_memorizing.data import Batch, DocumentStream
-from megatron_memorizing.eval.loading import (
-    LoadedModel,
-    add_checkpoint_arguments,
-    evaluation_data,
-    forward_logits,
-    load_checkpoint_argument,
-)
+from megatron_memorizing.data import Batch
+from megatron_memorizing.eval.loading import LoadedModel, add_checkpoint_arguments, forward_logits, segments_to_read
 from megatron_memorizing.eval.report import table, write_json
 from megatron_memorizing.knn_attention import KNNAttention
 from megatron_memorizing.memory import Retrieved
@@ -171,12 +164,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="directory for memory_lookups.json (default: runs/eval/<run>)")
     args = parser.parse_args(argv)
 
-    loaded = load_checkpoint_argument(args, parser, slots=args.slots)
-    data = evaluation_data(loaded, args.data, parser)
+    loaded, data, batches = segments_to_read(args, parser)
     model = loaded.config.model
-    stream = DocumentStream(data, model.memory_slots, model.segment_length, loop=False)
     try:
-        scores = score_memory_heads(loaded, itertools.islice(stream, args.segments), args.n)
+        scores = score_memory_heads(loaded, batches, args.n)
     except ValueError as error:
         parser.exit(2, f"{parser.prog}: error: {error} (--checkpoint, --segments, --n)\n")
     heads = scores.found.shape[1]
