@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -243,7 +244,10 @@ def test_bfloat16_weights_stay_bfloat16_from_import_to_export(single_rank, tmp_p
     assert all(torch.equal(original[name], exported[name]) for name in original)
 
 
-def test_a_sentencepiece_model_becomes_a_llama_tokenizer_with_the_same_ids(tokenizer_model):
+def test_a_sentencepiece_model_becomes_a_llama_tokenizer_with_the_same_ids(tokenizer_model, tmp_path, monkeypatch):
+    # A model type inside the temporary folder's path ("mpt" in /tmp/tmpt...) must not choose the tokenizer.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpt-mpt-run"))
+    (tmp_path / "tmpt-mpt-run").mkdir()
     text = (STDLIB / "argparse.py").read_text()[:20000] + "\n\t  é 日本語 \U0001f600\n\n"
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
     tokenizer = llama_tokenizer(tokenizer_model)

@@ -355,7 +355,7 @@ def standard_tokenizer(source: Checkpoint):
     imported = source.hf_tokenizer
     trained_with = file_sha256(source.tokenizer)
     if imported is not None and any(file_sha256(f) == trained_with for f in imported.iterdir() if f.is_file()):
-        return transformers.AutoTokenizer.from_pretrained(str(imported))
+        return _tokenizer_in(imported)
     if source.tokenizer.suffix != ".json":
         return None
     tokenizer = load_tokenizer(source.tokenizer)
@@ -369,7 +369,6 @@ def llama_tokenizer(sentencepiece_model: Path):
     import tempfile
 
     import sentencepiece as spm
-    import transformers
 
     sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_model))
     special = {kind: sp.id_to_piece(index) for kind, index in
@@ -381,7 +380,16 @@ def llama_tokenizer(sentencepiece_model: Path):
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(sentencepiece_model, Path(folder) / "tokenizer.model")
         (Path(folder) / "tokenizer_config.json").write_text(json.dumps(settings))
-        return transformers.AutoTokenizer.from_pretrained(folder)
+        return _tokenizer_in(Path(folder))
+
+
+def _tokenizer_in(folder: Path):
+    """The tokenizer its tokenizer_config.json names. The folder has no config.json, and without one
+    transformers would take the model type from any model name inside the path ("mpt" in "/tmp/tmpt..."),
+    and with it another tokenizer: an empty config leaves the choice to tokenizer_config.json."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(folder), config=transformers.PreTrainedConfig())
 
 
 def _load_hf_weights(model, megatron: dict) -> None:
