@@ -7,6 +7,7 @@ segments, with the kNN memory (and the XL cache) in use, its logits must match M
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from packaging.version import Version
 from safetensors.torch import load_file
 
 from data_tools.train_tokenizer import EXACT_SETTINGS
+from megatron_memorizing.hf.configuration_memorizing_gpt import MemorizingGPTConfig
 from megatron_memorizing.hf.convert import EXPORT_MARKER, ExportError, export
 from megatron_memorizing.hf.convert import main as convert_main
 from megatron_memorizing.hf.modeling_memorizing_gpt import MemorizingGPTForCausalLM
@@ -48,6 +50,9 @@ VARIANTS = {
     ),
     "learned-absolute-two-memory-layers": dict(position_embedding_type="learned_absolute", memory_layers=(2, 4)),
     "softmax-mixing-xl-gqa": dict(memory_mixing="softmax", xl_cache=True, num_query_groups=2),
+    # The first 3 tokens of every segment kept out of what the memory returns (a ring of 40 over
+    # segments of 16: the oldest segment in memory has lost its start, or not).
+    "memory-sink-tokens-xl-gqa": dict(memory_sink_tokens=3, xl_cache=True, num_query_groups=2),
     # Llama 3.1's scaled RoPE, and linear scaling, through the XL cache's rotations and the memory's un-rotation.
     "llama3-rope-xl": dict(rope_scaling=True, rope_scaling_factor=8.0, xl_cache=True),
     "linear-rope-xl": dict(rotary_seq_len_interpolation_factor=4.0, xl_cache=True),
@@ -275,12 +280,6 @@ BROKEN = {
         ),
         "do not fit",
     ),
-    "memory sink tokens, which the exported model does not implement": (
-        lambda run: _write_yaml(
-            run / "iter_0000100" / "config.yaml", {"model": {**_model_section(run), "memory_sink_tokens": 1}}
-        ),
-        r"does not implement \{'memory_sink_tokens': 1\}",
-    ),
     "interrupted save": (lambda run: (run / "iter_0000100" / "model" / "metadata.json").unlink(), "metadata.json"),
     "no tokenizer": (lambda run: (run / "iter_0000100" / "tokenizer.model").unlink(), "--tokenizer"),
     "tokenizer is not sentencepiece": (
@@ -298,6 +297,16 @@ def test_broken_checkpoint_is_refused_clearly_and_writes_nothing(checkpoint, tmp
     with pytest.raises(ExportError, match=message):
         export(run, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(memory_sink_tokens=16, segment_length=16), "memory_sink_tokens=16 must lie in 0..segment_length-1=15"),
+    (dict(memory_mixing="sum"), "memory_mixing='sum' (use 'gate' or 'softmax')"),
+    (dict(knn_top_k=64, memory_size=32), "knn_top_k=64 must lie in 1..memory_size=32"),
+])
+def test_the_exported_config_names_what_is_wrong(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MemorizingGPTConfig(**fields)
 
 
 def test_other_bad_inputs(checkpoint, tmp_path, tokenizer_model, capsys):

@@ -52,6 +52,7 @@ class MemorizingGPTConfig(PretrainedConfig):
         xl_cache: bool = False,
         gate_init: float = 0.0,
         memory_mixing: str = "gate",
+        memory_sink_tokens: int = 0,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
         **kwargs,
@@ -96,6 +97,9 @@ class MemorizingGPTConfig(PretrainedConfig):
         self.xl_cache = xl_cache
         self.gate_init = gate_init
         self.memory_mixing = memory_mixing  # "gate" or "softmax": see the training config's model.memory_mixing
+        # The first tokens of every segment (attention sinks) never come back from the memory:
+        # see the training config's model.memory_sink_tokens.
+        self.memory_sink_tokens = memory_sink_tokens
         self.initializer_range = initializer_range
         self._check()
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -126,6 +130,9 @@ class MemorizingGPTConfig(PretrainedConfig):
             problems.append(f"memory_layers={self.memory_layers} must lie in 1..{self.num_hidden_layers}")
         if self.memory_layers and not 1 <= self.knn_top_k <= self.memory_size:
             problems.append(f"knn_top_k={self.knn_top_k} must lie in 1..memory_size={self.memory_size}")
+        if not 0 <= self.memory_sink_tokens < self.segment_length:
+            problems.append(f"memory_sink_tokens={self.memory_sink_tokens} must lie in "
+                            f"0..segment_length-1={self.segment_length - 1}")
         if self.memory_mixing not in ("gate", "softmax"):
             problems.append(f"memory_mixing={self.memory_mixing!r} (use 'gate' or 'softmax')")
         if self.memory_backend not in ("torch", "faiss"):

@@ -186,8 +186,6 @@ def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None
                    if getattr(transformer, name, expected) != expected}
     if transformer.activation_func not in _ACTIVATIONS:
         unsupported["activation_func"] = transformer.activation_func
-    if config.memory_sink_tokens:
-        unsupported["memory_sink_tokens"] = config.memory_sink_tokens
     if unsupported:
         raise ExportError(f"the exported model does not implement {unsupported}; train without these settings.")
     if len(tokenizer) > config.vocab_size:
@@ -222,6 +220,7 @@ def hf_config(config: MemorizingConfig, transformer, tokenizer, memory_size=None
         xl_cache=config.xl_cache,
         gate_init=config.gate_init,
         memory_mixing=config.memory_mixing,
+        memory_sink_tokens=config.memory_sink_tokens,
         initializer_range=config.init_method_std,
         tie_word_embeddings=config.share_embeddings_and_output_weights,
         bos_token_id=tokenizer.bos_token_id,

@@ -351,16 +351,32 @@ class Attention(nn.Module):
         the logsumexp of its logits per query [b, h, t, 1]."""
         memory_keys, memory_values = memory
         b, h, t, d = q.shape
-        k = min(self.config.knn_top_k, memory_keys.shape[2])
         # The heads of a query group share that group's memory: search them as one longer query list.
         queries = F.normalize(q.float(), dim=-1).reshape(b, self.groups, h // self.groups * t, d)
-        scores, indices = top_k_inner_product(queries, memory_keys, k, self.config.memory_backend)
+        scores, indices = self._search(queries, memory_keys)
+        k = scores.shape[-1]
         scale = self.memory_log_scale.float().exp().view(1, self.groups, -1, 1, 1)
         logits = scores.view(b, self.groups, -1, t, k) * scale
         values = memory_values.gather(2, indices.reshape(b, self.groups, -1, 1).expand(-1, -1, -1, d))
         values = values.view(b, self.groups, -1, t, k, d)
         out = torch.einsum("bgrqk,bgrqkd->bgrqd", torch.softmax(logits, dim=-1), values).reshape(b, h, t, d)
         return out, torch.logsumexp(logits, dim=-1).reshape(b, h, t, 1)
+
+
+    def _search(self, queries, memory_keys):
+        """The best knn_top_k memory pairs per query, (scores, indices) [b, g, q, k]; with
+        memory_sink_tokens=N, the best that are not among the first N tokens of their segment: the
+        search asks for as many more as the memory holds such tokens and drops them."""
+        filled, s, sinks = memory_keys.shape[2], self.config.segment_length, self.config.memory_sink_tokens
+        # The memory holds whole segments, the newest last (the oldest may have lost its start).
+        is_sink = (torch.arange(filled, device=memory_keys.device) - filled) % s < sinks
+        k = min(self.config.knn_top_k, filled - int(is_sink.sum()))
+        wanted = min(k + sinks * -(-filled // s), filled)
+        scores, indices = top_k_inner_product(queries, memory_keys, wanted, self.config.memory_backend)
+        if wanted == k:
+            return scores, indices
+        scores, best = scores.masked_fill(is_sink[indices], float("-inf")).topk(k, dim=-1)
+        return scores, indices.gather(-1, best)
 
 
 class MLP(nn.Module):
