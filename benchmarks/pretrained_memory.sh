@@ -12,8 +12,9 @@
 #                      finetune-memory18-19-21-gate-3-lrx1000-125-seed1 (its import:
 #                      imported-memory18-19-21-gate-3). MIXING=softmax (model.memory_mixing),
 #                      MEMORY_SIZE (trained with that many pairs) and SINKS=N (model.memory_sink_tokens:
-#                      the first N tokens of each segment never come back from the memory) add
-#                      -softmax, -mSIZE and -sinksN to the name
+#                      the first N tokens of each segment never come back from the memory; default 0, as
+#                      the first runs trained, where the import's default is 4) add -softmax, -mSIZE and
+#                      -sinksN to the name
 #   nomemory SEED      its twin: the same fine-tuning without memory, the same tokens in the same order
 #   eval RUN           evaluate a run, or an import before training (imported-memory18-19-21-gate-3), on the
 #                      first 24,576 tokens of each long held-out document (memory 4K / 16K / 65K,
@@ -86,7 +87,7 @@ if [[ $stage == memory ]]; then
                      --set model.memory_sink_tokens="$sinks")
     [[ -d $imported ]] || "$bin/megatron-memorizing-import" --hf-model $model --output $imported \
         --set model.segment_length=512 --set model.micro_batch_size=8 --set "model.memory_layers=[${layers// /,}]" \
-        --set model.memory_size=4096 --set model.gate_init="$gate_init"
+        --set model.memory_size=4096 --set model.gate_init="$gate_init" --set model.memory_sink_tokens=0  # SINKS: at training
 fi
 run=$root/finetune-$variant-$steps-seed$seed$precision
 "$bin/megatron-memorizing-train" --config $imported/iter_0000000/config.yaml \

@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_file
 from data_tools.preprocess import preprocess
 from megatron_memorizing.data import IncompatibleError, check_compatible, load_tokenizer
 from megatron_memorizing.hf.convert import export, llama_tokenizer
-from megatron_memorizing.hf.importer import IMPORT_GATE_INIT, IMPORT_MEMORY_SCALARS_LR_MULT, HFImportError, import_model
+from megatron_memorizing.hf.importer import (
+    IMPORT_GATE_INIT,
+    IMPORT_MEMORY_SCALARS_LR_MULT,
+    IMPORT_MEMORY_SINK_TOKENS,
+    HFImportError,
+    import_model,
+)
 from megatron_memorizing.hf.importer import main as import_main
 from megatron_memorizing.memories import ModelMemories
 from megatron_memorizing.model import build_model
@@ -114,6 +120,7 @@ def test_import_computes_the_hf_logits_with_memory_disabled(single_rank, tmp_pat
     assert (megatron_logits_without_memory(model, ids) - expected).abs().max().item() < TOLERANCE
     gate = dict(model.named_parameters())["decoder.layers.2.self_attention.core_attention.gate_bias"]
     assert torch.equal(gate, torch.full_like(gate, IMPORT_GATE_INIT))  # added, nearly closed
+    assert config.memory_sink_tokens == IMPORT_MEMORY_SINK_TOKENS  # the segments' attention sinks kept out
     # ... and the config fine-tuning starts from lets the gate open
     assert RunConfig.load(iteration / "config.yaml").optimizer.memory_scalars_lr_mult == IMPORT_MEMORY_SCALARS_LR_MULT
 
