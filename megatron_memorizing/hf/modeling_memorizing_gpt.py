@@ -362,7 +362,6 @@ class Attention(nn.Module):
         out = torch.einsum("bgrqk,bgrqkd->bgrqd", torch.softmax(logits, dim=-1), values).reshape(b, h, t, d)
         return out, torch.logsumexp(logits, dim=-1).reshape(b, h, t, 1)
 
-
     def _search(self, queries, memory_keys):
         """The best knn_top_k memory pairs per query, (scores, indices) [b, g, q, k]; with
         memory_sink_tokens=N, the best that are not among the first N tokens of their segment: the
